@@ -1,0 +1,112 @@
+"""The loss section of a config: defaults and validation with messages that list choices.
+
+An algorithm is ``prior`` + ``normalize`` + ``f_divergence`` + ``links``/``link_weights`` +
+``weighting`` + extra-term weights; ``configs/<algorithm>.py`` set these to the original
+paper's or code's defaults (spec §2).
+"""
+
+import ml_collections
+
+from mipo_jax.losses.fdiv import FDIVS
+from mipo_jax.losses.links import LINKS
+from mipo_jax.priors import PRIORS
+
+NORMALIZE = ("sum", "mean")
+WEIGHTING = ("none", "wpo")
+
+
+def loss_config(prior: str = "reference", **prior_params) -> ml_collections.ConfigDict:
+    """Defaults: DPO (sigmoid link, reference prior, alpha = β = 0.1, summed log-probs)."""
+    entry = PRIORS.get(prior)
+    unknown = set(prior_params) - set(entry.params)
+    if unknown:
+        raise ValueError(
+            f"prior {prior!r} takes {sorted(entry.params) or 'no parameters'}; "
+            f"got {sorted(unknown)}"
+        )
+    return ml_collections.ConfigDict(
+        dict(
+            alpha=0.1,  # DPO's β; MI-DPO's α = 1/β_MI (spec §1.2)
+            normalize="sum",  # "mean": divide log π − log ζ by |y| (SimPO/IPO view)
+            margin=0.0,  # subtracted from the logit z (SimPO's γ)
+            prior=dict(name=prior, **{**entry.params, **prior_params}),
+            links=("sigmoid",),
+            link_weights=(1.0,),
+            label_smoothing=0.0,  # cDPO / robust / EXO / AOT ε
+            discopop_tau=0.05,
+            f_divergence="reverse_kl",
+            f_alpha=0.5,
+            weighting="none",
+            sft_weight=0.0,  # NLL of the chosen response (RPO, CPO, ORPO, TRL "sft")
+            l1_mask_u=0.0,  # SparsePO λ_u
+            l1_mask_d=0.0,  # SparsePO λ_d
+            mi_weight=0.0,  # mutual-information term of a learnable prior (spec §1.5)
+        )
+    )
+
+
+def _choice(value, allowed, key):
+    if value not in allowed:
+        raise ValueError(
+            f"loss.{key}={value!r} is not allowed; choose one of: {', '.join(allowed)}"
+        )
+
+
+def _check(cond: bool, key: str, value, rule: str):
+    if not cond:
+        raise ValueError(f"loss.{key}={value!r} is out of range: {rule}")
+
+
+def validate(cfg) -> None:
+    """Reject unknown names and out-of-range values, naming the key and the allowed values."""
+    _choice(cfg.prior.name, PRIORS.names(), "prior.name")
+    allowed = set(PRIORS.get(cfg.prior.name).params) | {"name"}
+    extra = set(cfg.prior.keys()) - allowed
+    if extra:
+        raise ValueError(
+            f"loss.prior has key(s) {sorted(extra)} that prior {cfg.prior.name!r} does not "
+            f"take; it takes: {sorted(allowed - {'name'}) or 'nothing'}"
+        )
+    _choice(cfg.normalize, NORMALIZE, "normalize")
+    _choice(cfg.f_divergence, FDIVS.names(), "f_divergence")
+    _choice(cfg.weighting, WEIGHTING, "weighting")
+    links = tuple(cfg.links)
+    _check(len(links) > 0, "links", links, "at least one link")
+    for name in links:
+        _choice(name, LINKS.names(), "links")
+    _check(
+        len(tuple(cfg.link_weights)) == len(links),
+        "link_weights",
+        cfg.link_weights,
+        f"one weight per link ({len(links)})",
+    )
+    _check(cfg.alpha > 0, "alpha", cfg.alpha, "must be > 0")
+    _check(0.0 <= cfg.label_smoothing < 0.5, "label_smoothing", cfg.label_smoothing, "in [0, 0.5)")
+    if "exo_pair" in links:
+        _check(
+            cfg.label_smoothing > 0,
+            "label_smoothing",
+            cfg.label_smoothing,
+            "exo_pair needs ε > 0 (1e-3 recommended)",
+        )
+    _check(cfg.discopop_tau > 0, "discopop_tau", cfg.discopop_tau, "must be > 0")
+    if cfg.f_divergence == "alpha_divergence":
+        _check(cfg.f_alpha != 1.0, "f_alpha", cfg.f_alpha, "must differ from 1")
+    for key in ("sft_weight", "l1_mask_u", "l1_mask_d", "mi_weight"):
+        _check(cfg[key] >= 0, key, cfg[key], "must be >= 0")
+    _check_prior_params(cfg.prior)
+
+
+def _check_prior_params(p) -> None:
+    rules = {
+        "temperature": (lambda v: v > 0, "must be > 0"),
+        "ld_alpha": (lambda v: 0.0 <= v <= 1.0, "in [0, 1]"),
+        "vocab_size": (lambda v: v >= 1, "must be >= 1"),
+        "kl_coef": (lambda v: v >= 0, "must be >= 0"),
+        "dpop_lambda": (lambda v: v >= 0, "must be >= 0"),
+        "length_coef": (lambda v: True, ""),
+        "gamma": (lambda v: True, ""),
+    }
+    for key, value in p.items():
+        if key in rules and not rules[key][0](value):
+            raise ValueError(f"loss.prior.{key}={value!r} is out of range: {rules[key][1]}")

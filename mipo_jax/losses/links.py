@@ -1,0 +1,139 @@
+"""Link functions: how a pair's implicit rewards become a per-pair loss.
+
+MI-DPO proper is the ``sigmoid`` link (−log σ(z)). The others are TRL's loss types written
+on the same implicit reward r(y) = α·g((S^π(y) − log ζ(y)) / n(y)) (spec §2.9–2.12, §2.20–23):
+a link sees ``Scores`` and returns the loss of each pair, ``[B]``.
+Formulas follow trl@f2cd577 ``DPOTrainer._compute_loss``; TRL's ``beta`` is our ``alpha``.
+"""
+
+import jax
+import jax.numpy as jnp
+from flax import struct
+from jaxtyping import Array, Float
+
+from mipo_jax.registry import Registry
+
+LINKS = Registry("link")
+log_sigmoid = jax.nn.log_sigmoid
+
+
+@struct.dataclass
+class Scores:
+    """Per-pair scores on the pair axis ``[B, 2]`` (index 0 chosen)."""
+
+    policy: Float[Array, "B 2"]  # S^π(y) / n(y)
+    prior: Float[Array, "B 2"]  # log ζ(y) / n(y)
+    logratio: Float[Array, "B 2"]  # g(policy − prior)
+    rewards: Float[Array, "B 2"]  # alpha · logratio
+    margin: Float[Array, ""]  # subtracted from z (SimPO γ)
+
+    @property
+    def z(self) -> Float[Array, " B"]:
+        """The MI-DPO logit α[(log π − log ζ)_w − (log π − log ζ)_l] − margin."""
+        return self.rewards[:, 0] - self.rewards[:, 1] - self.margin
+
+
+def _smoothed_logistic(u, eps):
+    return -(1.0 - eps) * log_sigmoid(u) - eps * log_sigmoid(-u)
+
+
+@LINKS.register("sigmoid", label_smoothing=0.0)
+def sigmoid(s, cfg):
+    """DPO / MI-DPO: −log σ(z). With ``label_smoothing`` ε > 0 this is cDPO (Mitchell 2023):
+    −(1−ε) log σ(z) − ε log σ(−z)."""
+    return _smoothed_logistic(s.z, cfg.label_smoothing)
+
+
+@LINKS.register("robust", label_smoothing=0.0)
+def robust(s, cfg):
+    """Robust DPO (Chowdhury et al. 2024): [−(1−ε) log σ(z) + ε log σ(−z)] / (1 − 2ε)."""
+    eps = cfg.label_smoothing
+    return (-(1.0 - eps) * log_sigmoid(s.z) + eps * log_sigmoid(-s.z)) / (1.0 - 2.0 * eps)
+
+
+@LINKS.register("hinge")
+def hinge(s, cfg):
+    """SLiC / RSO hinge: max(0, 1 − z)."""
+    return jax.nn.relu(1.0 - s.z)
+
+
+@LINKS.register("ipo")
+def ipo(s, cfg):
+    """IPO (Azar et al. 2023, Eq. 17): (h − 1/(2τ))² with τ = alpha and h = g_w − g_l.
+
+    TRL averages the log-ratios per token (use ``normalize='mean'``, as configs/ipo.py does).
+    """
+    h = s.logratio[:, 0] - s.logratio[:, 1]
+    return (h - 1.0 / (2.0 * cfg.alpha)) ** 2
+
+
+@LINKS.register("exo_pair", label_smoothing=1e-3)
+def exo_pair(s, cfg):
+    """EXO (Ji et al. 2024): σ(z)[log σ(z) − log(1−ε)] + σ(−z)[log σ(−z) − log ε], ε > 0."""
+    eps, z = cfg.label_smoothing, s.z
+    return jax.nn.sigmoid(z) * (log_sigmoid(z) - jnp.log1p(-eps)) + jax.nn.sigmoid(-z) * (
+        log_sigmoid(-z) - jnp.log(eps)
+    )
+
+
+@LINKS.register("nca_pair")
+def nca_pair(s, cfg):
+    """NCA (Chen et al. 2024): −log σ(r_w) − ½ log σ(−r_w) − ½ log σ(−r_l)."""
+    rw, rl = s.rewards[:, 0], s.rewards[:, 1]
+    return -log_sigmoid(rw) - 0.5 * log_sigmoid(-rw) - 0.5 * log_sigmoid(-rl)
+
+
+@LINKS.register("bco_pair")
+def bco_pair(s, cfg):
+    """BCO, TRL HEAD form (no running mean δ): −log σ(r_w) − log σ(−r_l)."""
+    return -log_sigmoid(s.rewards[:, 0]) - log_sigmoid(-s.rewards[:, 1])
+
+
+@LINKS.register("sppo_hard")
+def sppo_hard(s, cfg):
+    """SPPO-hard (Wu et al. 2024): (g_w − 1/(2α))² + (g_l + 1/(2α))²."""
+    half = 0.5 / cfg.alpha
+    return (s.logratio[:, 0] - half) ** 2 + (s.logratio[:, 1] + half) ** 2
+
+
+@LINKS.register("apo_zero")
+def apo_zero(s, cfg):
+    """APO-zero (D'Oosterlinck et al. 2024): (1 − σ(r_w)) + σ(r_l)."""
+    return 1.0 - jax.nn.sigmoid(s.rewards[:, 0]) + jax.nn.sigmoid(s.rewards[:, 1])
+
+
+@LINKS.register("apo_down")
+def apo_down(s, cfg):
+    """APO-down: σ(r_w) + (1 − σ(r_w − r_l))."""
+    return jax.nn.sigmoid(s.rewards[:, 0]) + 1.0 - jax.nn.sigmoid(s.rewards[:, 0] - s.rewards[:, 1])
+
+
+@LINKS.register("discopop", discopop_tau=0.05)
+def discopop(s, cfg):
+    """DiscoPOP (Chris Lu et al. 2024): (1 − σ(z/τ))(−log σ(z)) + σ(z/τ) e^{−z}.
+
+    The second product is formed as exp(−z + log σ(z/τ)) so it never meets 0·∞.
+    """
+    z, tau = s.z, cfg.discopop_tau
+    mod = jax.nn.sigmoid(z / tau)
+    return (1.0 - mod) * -log_sigmoid(z) + jnp.exp(-z + log_sigmoid(z / tau))
+
+
+def _sorted_delta_loss(delta, cfg):
+    return _smoothed_logistic(cfg.alpha * delta, cfg.label_smoothing)
+
+
+@LINKS.register("aot", label_smoothing=0.0)
+def aot(s, cfg):
+    """AOT paired (Melnyk et al. 2024): sort (S^π_w − S^π_l) and (log ζ_w − log ζ_l) over the
+    batch separately, subtract, then a (smoothed) logistic of alpha·Δ. Couples the batch:
+    padding pairs take part in the sort, so batches should be full."""
+    pol = jnp.sort(s.policy[:, 0] - s.policy[:, 1])
+    ref = jnp.sort(s.prior[:, 0] - s.prior[:, 1])
+    return _sorted_delta_loss(pol - ref, cfg)
+
+
+@LINKS.register("aot_unpaired", label_smoothing=0.0)
+def aot_unpaired(s, cfg):
+    """AOT unpaired (TRL v0.19 ``aot_pair``): sort ρ_w and ρ_l separately, subtract."""
+    return _sorted_delta_loss(jnp.sort(s.logratio[:, 0]) - jnp.sort(s.logratio[:, 1]), cfg)

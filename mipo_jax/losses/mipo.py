@@ -1,0 +1,140 @@
+"""The MI-DPO loss (Tutnov et al. 2025, arXiv 2501.01544; spec §1):
+
+    L = −log σ( α[log π(y_w|x) − log ζ(y_w)] − α[log π(y_l|x) − log ζ(y_l)] − margin ),
+
+assembled from a config: a prior ζ (``cfg.prior.name``), optional length normalisation
+(``cfg.normalize``), an optional f-divergence score, one or more link functions with weights
+(``cfg.links``/``cfg.link_weights``; ``sigmoid`` is MI-DPO proper), optional WPO pair
+weights and extra terms (SFT/NLL, SparsePO's L1 on masks, the mutual-information term of a
+learnable prior). Nothing here branches on an algorithm's name.
+
+Everything runs in float32 (float64 under x64) whatever the input dtype. Pairs whose chosen
+or rejected completion is empty are excluded from the loss and metrics and counted in
+``pairs/empty`` (the data pipeline never emits them; this keeps a stray one from producing
+NaN). Padding pairs of a fixed-shape batch are marked with ``TokenInputs.pair_valid``.
+"""
+
+from collections.abc import Mapping
+
+import chex
+import jax
+import jax.numpy as jnp
+
+from mipo_jax.losses import terms
+from mipo_jax.losses.fdiv import FDIVS
+from mipo_jax.losses.links import LINKS, Scores
+from mipo_jax.metrics import Metric, weighted_mean
+from mipo_jax.priors import PRIORS, lengths, seq_sum
+from mipo_jax.types import CHOSEN, REJECTED, TokenInputs, compute_dtype
+
+
+def _check_shapes(inputs: TokenInputs) -> None:
+    chex.assert_rank(inputs.policy, 3)
+    if inputs.policy.shape[1] != 2:
+        raise ValueError(f"policy log-probs must be [B, 2, T]; got {inputs.policy.shape}")
+    chex.assert_equal_shape([inputs.policy, inputs.mask])
+    for name in ("kl", "token_weights", "mask_u", "mask_d", "logsumsq", "prior"):
+        if getattr(inputs, name) is not None:
+            chex.assert_shape(getattr(inputs, name), inputs.policy.shape)
+
+
+def pair_validity(inputs: TokenInputs) -> tuple[jax.Array, jax.Array]:
+    """(valid [B], empty [B]): a pair counts when both completions are non-empty."""
+    n = lengths(inputs.mask)
+    nonempty = jnp.all(n > 0, axis=-1).astype(n.dtype)
+    given = jnp.ones_like(nonempty) if inputs.pair_valid is None else inputs.pair_valid
+    given = given.astype(n.dtype)
+    return given * nonempty, given * (1.0 - nonempty)
+
+
+def scores(inputs: TokenInputs, cfg) -> Scores:
+    """Per-pair policy, prior, log-ratio and reward scores for the configured prior."""
+    log_zeta = PRIORS.get(cfg.prior.name).fn(inputs, cfg)
+    pol = seq_sum(inputs.policy, inputs.mask)
+    if cfg.normalize == "mean":
+        n = jnp.maximum(lengths(inputs.mask), 1.0)
+        pol, log_zeta = pol / n, log_zeta / n
+    g = FDIVS.get(cfg.f_divergence).fn(pol - log_zeta, cfg)
+    margin = jnp.asarray(cfg.margin, pol.dtype)
+    return Scores(policy=pol, prior=log_zeta, logratio=g, rewards=cfg.alpha * g, margin=margin)
+
+
+def _wpo_weights(inputs: TokenInputs) -> jax.Array:
+    """WPO (Zhou et al. 2024): w(y_w)·w(y_l), w(y) = exp(mean_t[ℓ^π_t − log Σ_v π²]), no grad."""
+    inputs.require("logsumsq", who="weighting 'wpo'")
+    n = jnp.maximum(lengths(inputs.mask), 1.0)
+    per_seq = seq_sum(inputs.policy - inputs.logsumsq, inputs.mask) / n
+    return jax.lax.stop_gradient(jnp.exp(jnp.sum(per_seq, axis=-1)))
+
+
+def mipo_loss(
+    inputs: TokenInputs, cfg, *, normalizers: Mapping[str, jax.Array] | None = None
+) -> tuple[jax.Array, dict[str, Metric]]:
+    """The configured loss and its metrics (sums with denominators, TRL names).
+
+    Args:
+      inputs: per-token log-probs and extras on the pair axis ``[B, 2, T]``.
+      cfg: the loss config (see ``mipo_jax.losses.config``), validated beforehand.
+      normalizers: optional global denominators ``{"pairs", "sft_tokens", "samples"}``
+        for gradient accumulation: with them, the losses of micro-batches add up exactly to
+        the loss of the whole batch. Default: this batch's own counts.
+
+    Returns:
+      ``(loss, metrics)``: the scalar loss to differentiate, and a dict of ``Metric``.
+    """
+    _check_shapes(inputs)
+    inputs = inputs.astype(compute_dtype(inputs.policy))
+    valid, empty = pair_validity(inputs)
+    s = scores(inputs, cfg)
+    pair_w = valid * (_wpo_weights(inputs) if cfg.weighting == "wpo" else 1.0)
+
+    norm = dict(normalizers or {})
+    pairs = norm.get("pairs", jnp.sum(valid))
+    metrics: dict[str, Metric] = {}
+    loss = jnp.zeros((), s.policy.dtype)
+    for name, weight in zip(cfg.links, cfg.link_weights, strict=True):
+        per_pair = LINKS.get(name).fn(s, cfg)
+        per_pair = jnp.where(valid > 0, per_pair, 0.0)  # keep NaN of empty pairs out of grads
+        component = Metric(jnp.sum(per_pair * pair_w), jnp.sum(valid))
+        loss += weight * component.total / jnp.maximum(pairs, 1.0)
+        if len(cfg.links) > 1:
+            metrics[f"loss/{name}"] = component
+    if cfg.sft_weight:
+        nll = terms.sft(inputs, valid)
+        loss += cfg.sft_weight * nll.total / jnp.maximum(norm.get("sft_tokens", nll.count), 1.0)
+        metrics["loss/sft"] = nll
+    if cfg.l1_mask_u or cfg.l1_mask_d:
+        l1 = terms.l1_masks(inputs, valid, cfg.l1_mask_u, cfg.l1_mask_d)
+        loss += l1.total / jnp.maximum(pairs, 1.0)
+        metrics["loss/l1_mask"] = l1
+    if cfg.mi_weight:
+        mi = terms.mutual_information(inputs)
+        loss += cfg.mi_weight * mi.total / jnp.maximum(norm.get("samples", mi.count), 1.0)
+        metrics["loss/mi"] = mi
+
+    share = jnp.sum(valid) / jnp.maximum(pairs, 1.0) if normalizers else jnp.ones(())
+    metrics["loss"] = Metric(loss, share.astype(loss.dtype))
+    metrics.update(_pair_metrics(inputs, s, valid, empty))
+    return loss, metrics
+
+
+def _pair_metrics(inputs, s: Scores, valid, empty) -> dict[str, Metric]:
+    r = jax.lax.stop_gradient(s.rewards)
+    logps = jax.lax.stop_gradient(seq_sum(inputs.policy, inputs.mask))
+    prior = jax.lax.stop_gradient(s.prior)
+    out = {
+        "rewards/chosen": weighted_mean(r[:, CHOSEN], valid),
+        "rewards/rejected": weighted_mean(r[:, REJECTED], valid),
+        "rewards/margins": weighted_mean(r[:, CHOSEN] - r[:, REJECTED], valid),
+        "rewards/accuracies": weighted_mean((r[:, CHOSEN] > r[:, REJECTED]).astype(r.dtype), valid),
+        "logps/chosen": weighted_mean(logps[:, CHOSEN], valid),
+        "logps/rejected": weighted_mean(logps[:, REJECTED], valid),
+        "prior/chosen": weighted_mean(prior[:, CHOSEN], valid),
+        "prior/rejected": weighted_mean(prior[:, REJECTED], valid),
+        "pairs/empty": Metric(jnp.sum(empty), jnp.sum(valid + empty)),
+    }
+    if inputs.kl is not None:
+        seqkl = jax.lax.stop_gradient(seq_sum(inputs.kl, inputs.mask))
+        out["seqkl/chosen"] = weighted_mean(seqkl[:, CHOSEN], valid)
+        out["seqkl/rejected"] = weighted_mean(seqkl[:, REJECTED], valid)
+    return out
