@@ -1,0 +1,1 @@
+"""Hugging Face checkpoints: sources (safetensors, GGUF), per-family name tables, load and save."""
