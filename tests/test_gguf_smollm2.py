@@ -3,6 +3,7 @@
 import importlib.util
 import sys
 
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -30,11 +31,20 @@ def source(path):
 def reference(path):
     """transformers' reading of the file: (config dict, {HF name: float32 tensor})."""
     config = dict(load_gguf_checkpoint(path)["config"])
-    kwargs = {k: v for k, v in config.items() if k not in ("_model_name_or_path", "model_type")}
     with torch.device("meta"):  # only its state-dict names are used
-        model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**kwargs))
+        model = transformers.LlamaForCausalLM(_hf_config(config))
     tensors = load_gguf_checkpoint(path, return_tensors=True, model_to_load=model)["tensors"]
     return config, tensors
+
+
+def _hf_config(gguf_config: dict):
+    drop = ("_model_name_or_path", "model_type")
+    return transformers.LlamaConfig(**{k: v for k, v in gguf_config.items() if k not in drop})
+
+
+@pytest.fixture(scope="module")
+def tokenizer(path):
+    return tokenizer_from_gguf(path)
 
 
 def test_path_is_found_without_importing_the_plugin(path):
@@ -74,8 +84,8 @@ def test_every_tensor_equals_transformers_dequantisation(source, reference):
         np.testing.assert_array_equal(source.get(name), t.numpy(), err_msg=name)
 
 
-def test_tokenizer_and_chat_template(path, source):
-    tok = tokenizer_from_gguf(path)
+def test_tokenizer_and_chat_template(tokenizer, source):
+    tok = tokenizer
     assert isinstance(tok, transformers.PreTrainedTokenizerFast) and len(tok) == 49152
     assert (
         tok.bos_token_id
@@ -91,3 +101,46 @@ def test_tokenizer_and_chat_template(path, source):
     assert text.endswith(f"<|im_start|>user\n{question}<|im_end|>\n<|im_start|>assistant\n")
     ids = tok(text, add_special_tokens=False)["input_ids"]
     assert ids.count(tok.bos_token_id) == 3 and tok.decode(ids) == text
+
+
+# ---- end to end: our model from GGUFSource --------------------------------------------
+
+QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
+
+
+def _prompt_ids(tok) -> list[int]:
+    text = tok.apply_chat_template(QUESTION, tokenize=False, add_generation_prompt=True)
+    return tok(text, add_special_tokens=False)["input_ids"]
+
+
+@pytest.fixture(scope="module")
+def ours(source):
+    from mipo_jax.hf.load import load_pretrained
+
+    return load_pretrained(source)  # float32 parameters and compute
+
+
+@pytest.mark.slow
+def test_logits_equal_transformers_float32(ours, reference, tokenizer):
+    """Our CausalLM from GGUFSource against transformers' float32 LlamaForCausalLM built
+    from transformers' own dequantisation of the same file, on the chat prompt."""
+    config, tensors = reference
+    hf = transformers.LlamaForCausalLM(_hf_config(config)).eval()
+    missing, unexpected = hf.load_state_dict(tensors, strict=False)
+    assert missing == ["lm_head.weight"] and not unexpected  # tied: lm_head is the embedding
+    assert hf.lm_head.weight.data_ptr() == hf.model.embed_tokens.weight.data_ptr()
+    ids = _prompt_ids(tokenizer)
+    with torch.no_grad():
+        want = hf(torch.tensor([ids])).logits.numpy()
+    got = np.asarray(ours(jnp.asarray([ids], jnp.int32)))
+    assert got.shape == want.shape == (1, len(ids), 49152)
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.slow
+def test_greedy_answer_mentions_paris(ours, tokenizer):
+    from mipo_jax.models.sampling import generate
+
+    out = generate(ours, [_prompt_ids(tokenizer)], max_new_tokens=16)  # greedy, EOS from config
+    answer = tokenizer.decode(np.asarray(out.tokens[0, : int(out.lengths[0])]))
+    assert "Paris" in answer, answer
