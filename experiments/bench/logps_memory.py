@@ -8,9 +8,10 @@ auxiliary output. ``naive`` forms ``logits = h @ w`` [B, T, V] and calls
 ``jax.checkpoint``-ed naive step, gradients by autodiff), for comparison only.
 
 Every variant runs in a fresh subprocess so that peak RSS (``ru_maxrss``) is its own. Each
-reports XLA's compiled memory analysis (arguments + outputs + temporaries − aliased) and the
-median (and min) wall time of ``--repeats`` calls after ``--warmup`` calls, and saves its outputs so
-that the parent can check them against naive.
+reports XLA's compiled memory analysis (arguments + outputs + temporaries − aliased), the
+median (and min) wall time and the median process CPU time of ``--repeats`` calls after
+``--warmup`` calls, and saves its outputs so that the parent can check them against naive.
+CPU time is the fairer measure when other work shares the machine's cores.
 
 Run from the repository root (the numbers in experiments/bench/README.md):
 
@@ -153,14 +154,17 @@ def _child(args) -> None:
     row = {"variant": args.child, **_compiled_peak(compiled)}
     h, w, y = _inputs(args)
     jax.block_until_ready((h, w, y))
-    times = []
+    times, cpus = [], []
     for _ in range(args.warmup + args.repeats):
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         out = jax.block_until_ready(compiled(h, w, y))
         times.append(time.perf_counter() - t0)
+        cpus.append(time.process_time() - c0)
     row["time_s"] = statistics.median(times[args.warmup :])
     row["min_s"] = min(times[args.warmup :])
+    row["cpu_s"] = statistics.median(cpus[args.warmup :])
     row["times_s"] = [round(x, 3) for x in times]
+    row["cpus_s"] = [round(x, 3) for x in cpus]
     row["rss_gib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / GIB
     (_, lp), (dh, dw) = out
     for name, x in (("logps", lp), ("dh", dh), ("dw", dw)):
@@ -213,7 +217,7 @@ def _find_max_seq(args) -> None:
 def _table(rows: list[dict]) -> str:
     head = (
         f"| {'variant':<13} | {'XLA peak GiB':>12} | {'peak RSS GiB':>12} | {'mem ÷':>6} "
-        f"| {'median s':>8} | {'min s':>7} | {'time ×':>6} "
+        f"| {'median s':>8} | {'min s':>7} | {'time ×':>6} | {'CPU s':>7} | {'CPU ×':>5} "
         f"| {'rel err logps / dh / dw':>27} | same |"
     )
     lines = [head, "|" + "|".join("-" * (len(c)) for c in head.split("|")[1:-1]) + "|"]
@@ -224,12 +228,14 @@ def _table(rows: list[dict]) -> str:
             continue
         ratio_m = base["rss_gib"] / r["rss_gib"] if base else float("nan")
         ratio_t = r["time_s"] / base["time_s"] if base else float("nan")
+        ratio_c = r["cpu_s"] / base["cpu_s"] if base else float("nan")
         errs = " / ".join(
             f"{r.get(k, float('nan')):.1e}" for k in ("err_logps", "err_dh", "err_dw")
         )
         lines.append(
             f"| {r['variant']:<13} | {r['xla_peak_gib']:12.2f} | {r['rss_gib']:12.2f} "
             f"| {ratio_m:6.1f} | {r['time_s']:8.2f} | {r['min_s']:7.2f} | {ratio_t:6.2f} "
+            f"| {r['cpu_s']:7.1f} | {ratio_c:5.2f} "
             f"| {errs:>27} "
             f"| {'yes' if r.get('same', True) else 'NO'} |"
         )
@@ -261,7 +267,8 @@ def main(argv=None) -> None:
                 if not f.startswith("naive."):
                     os.remove(os.path.join(out_dir, f))
     print(f"\nload average after: {os.getloadavg()}")
-    print("mem ÷ = naive's peak RSS / this one's; time × = this median / naive's median\n")
+    print("mem ÷ = naive's peak RSS / this one's; time × = this median / naive's median;")
+    print("CPU s = median process CPU time (user+sys, all threads) per call; CPU × likewise\n")
     print(_table(rows))
     if args.json:
         with open(args.json, "w") as f:
