@@ -24,6 +24,11 @@ def param(rngs: nnx.Rngs | None, init, shape, names: Sequence[str | None], dtype
     )
 
 
+def _lead(x: jax.Array, ndim: int) -> jax.Array:
+    """`x` with leading unit axes up to `ndim` (explicit broadcasting)."""
+    return x.reshape((1,) * (ndim - x.ndim) + x.shape)
+
+
 class Dense(nnx.Module):
     """y = x · W (+ b), contracting the trailing `len(in_shape)` axes of x with W's leading ones."""
 
@@ -42,7 +47,7 @@ class Dense(nnx.Module):
         axes = (tuple(range(x.ndim - self.n_in, x.ndim)), tuple(range(self.n_in)))
         y = jax.lax.dot_general(x.astype(self.dtype), kernel, (axes, ((), ())))
         if self.bias is not None:
-            y = y + self.bias[...].astype(self.dtype)
+            y = y + _lead(self.bias[...].astype(self.dtype), y.ndim)
         return y
 
 
@@ -74,9 +79,9 @@ class Norm(nnx.Module):
         if self.kind == "layer":
             h = h - jnp.mean(h, axis=-1, keepdims=True)
         h = h * jax.lax.rsqrt(jnp.mean(h * h, axis=-1, keepdims=True) + self.eps)
-        h = h * self.scale[...].astype(jnp.float32)
+        h = h * _lead(self.scale[...].astype(jnp.float32), h.ndim)
         if self.bias is not None:
-            h = h + self.bias[...].astype(jnp.float32)
+            h = h + _lead(self.bias[...].astype(jnp.float32), h.ndim)
         return h.astype(x.dtype)
 
 
@@ -114,7 +119,7 @@ def rope_inv_freq(head_dim: int, theta: float, scaling: RopeScaling | None) -> n
 
 def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: np.ndarray) -> jax.Array:
     """Rotate ``x [B, T, H, K]`` by angles ``positions [B, T] × inv_freq`` (rotate-half layout)."""
-    angles = positions.astype(jnp.float32)[..., None] * jnp.asarray(inv_freq)  # B T K/2
+    angles = positions.astype(jnp.float32)[..., None] * jnp.asarray(inv_freq)[None, None]
     angles = jnp.concatenate([angles, angles], axis=-1)[:, :, None, :]
     cos, sin = jnp.cos(angles), jnp.sin(angles)
     h = x.astype(jnp.float32)
