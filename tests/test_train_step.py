@@ -1,0 +1,193 @@
+"""The train step on a tiny model: accumulation, NaN guard, sharding, inputs, schedule."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import ml_collections as mlc
+import numpy as np
+import pytest
+from flax import nnx
+
+from mipo_jax.losses import loss_config
+from mipo_jax.models import CausalLM, ModelConfig
+from mipo_jax.sharding import make_mesh
+from mipo_jax.train import layout, optim
+from mipo_jax.train import state as st
+from mipo_jax.train import step as sp
+
+TINY = ModelConfig(
+    family="llama",
+    vocab_size=48,
+    hidden_size=32,
+    intermediate_size=64,
+    num_layers=2,
+    num_heads=4,
+    num_kv_heads=2,
+    head_dim=8,
+    tie_embeddings=True,
+)
+
+
+@pytest.fixture(autouse=True)
+def fast_compile():
+    old = jax.config.values["jax_disable_most_optimizations"]
+    jax.config.update("jax_disable_most_optimizations", True)
+    yield
+    jax.config.update("jax_disable_most_optimizations", old)
+
+
+def one_device_mesh():
+    return make_mesh((1, 1, 1), devices=jax.devices()[:1])
+
+
+def models(mesh, seed_policy=0, seed_ref=1):
+    make = lambda s: lambda: CausalLM(TINY, rngs=nnx.Rngs(s))
+    graph, policy, shardings = st.create_params(make(seed_policy), mesh)
+    _, ref, _ = st.create_params(make(seed_ref), mesh)
+    return graph, policy, ref, shardings
+
+
+def random_batch(n=8, seed=0, t=12, c=6):
+    rng = np.random.default_rng(seed)
+    seqs = lambda lo, hi: [list(rng.integers(1, 48, rng.integers(lo, hi))) for _ in range(n)]
+    return layout.padded_pairs(seqs(2, 5), seqs(1, 6), seqs(1, 6), max_length=t, max_completion=c)
+
+
+def make_spec(graph, loss, accum=1, lr=1e-3):
+    opt = mlc.ConfigDict(
+        dict(name="adamw", learning_rate=lr, warmup_steps=0, schedule="constant", clip_norm=1.0)
+    )
+    tx, sched = optim.make_optimizer(opt, 10)
+    fields = sp.required_fields(loss)
+    return sp.StepSpec(
+        graphs=(("policy", graph),),
+        ref_graph=graph,
+        loss=loss,
+        tx=tx,
+        lr=sched,
+        fields=fields,
+        grad_accum=accum,
+    )
+
+
+def frozen(loss):
+    return mlc.FrozenConfigDict(loss)
+
+
+@pytest.mark.parametrize("prior", ["reference", "sequential_kl"])
+def test_grad_accumulation_equals_one_large_batch(prior):
+    mesh = one_device_mesh()
+    graph, policy, ref, _ = models(mesh)
+    loss = loss_config(prior)
+    loss.sft_weight = 0.5  # exercises the token-count normalizer too
+    batch = random_batch()
+    batch["pair_valid"][3] = 0.0  # a padding pair must count nowhere
+    results = []
+    for accum in (1, 4):
+        spec = make_spec(graph, frozen(loss), accum)
+        fn = jax.jit(lambda p, b, r, spec=spec: sp._grads(p, r, b, jax.random.key(0), spec))
+        results.append(fn({"policy": policy}, batch, ref))
+    (l1, g1, m1), (l4, g4, m4) = results
+    np.testing.assert_allclose(l1, l4, rtol=1e-5)
+    for a, b in zip(jax.tree.leaves(g1), jax.tree.leaves(g4), strict=True):
+        # equal up to float32 summation order: relative to the tensor's largest entry
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5 * float(np.abs(b).max()))
+    assert set(m1) == set(m4)
+    for k in m1:
+        np.testing.assert_allclose(m1[k].value, m4[k].value, rtol=1e-5, atol=1e-6, err_msg=k)
+    assert float(m1["rewards/accuracies"].count) == 7.0  # 8 pairs, one padding
+
+
+def test_nonfinite_step_is_skipped_and_counted():
+    mesh = one_device_mesh()
+    graph, policy, ref, _ = models(mesh)
+    spec = make_spec(graph, frozen(loss_config("reference")))
+    state = st.init_state({"policy": policy}, spec.tx, 0)
+    step = jax.jit(functools.partial(sp.train_step, spec=spec))
+    good = random_batch()
+    state, m = step(state, good, ref)
+    assert int(state.nonfinite) == 0 and int(state.skipped) == 0
+    before = jax.device_get(state.params)
+    bad_ref = jax.tree.map(lambda x: x * jnp.nan, ref)  # a NaN reference makes the loss NaN
+    for i in range(2):
+        state, m = step(state, good, bad_ref)
+        assert int(state.nonfinite) == i + 1 and int(state.skipped) == i + 1
+        assert not np.isfinite(float(m["loss"].value))
+    after = jax.device_get(state.params)
+    for a, b in zip(jax.tree.leaves(before), jax.tree.leaves(after), strict=True):
+        np.testing.assert_array_equal(a, b)
+    state, m = step(state, good, ref)
+    assert int(state.nonfinite) == 0 and int(state.skipped) == 2 and int(state.step) == 4
+
+
+def test_sharded_step_equals_unsharded():
+    loss = frozen(loss_config("reference"))
+    batch = random_batch()
+    outs = []
+    for sizes, devices in (((1, 1, 1), jax.devices()[:1]), ((2, 2, 2), jax.devices()[:8])):
+        mesh = make_mesh(sizes, devices=devices)
+        graph, policy, ref, shardings = models(mesh)
+        spec = make_spec(graph, loss)
+        state = st.init_state({"policy": policy}, spec.tx, 0)
+        s_sh = st.state_shardings(state, spec.tx, {"policy": shardings}, mesh)
+        b_sh = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(("data", "fsdp")))
+        with jax.set_mesh(mesh):
+            step = jax.jit(
+                functools.partial(sp.train_step, spec=spec),
+                in_shardings=(s_sh, b_sh, shardings),
+                out_shardings=(s_sh, st.replicated(mesh)),
+                donate_argnums=0,
+            )
+            state = jax.device_put(state, s_sh)
+            new, metrics = step(state, jax.device_put(batch, b_sh), ref)
+        if sizes == (2, 2, 2):
+            kernel = new.params["policy"]["layers"]["mlp"]["up"]["kernel"]
+            assert len(kernel.sharding.device_set) == 8
+        outs.append((jax.device_get(new.params), {k: float(v.value) for k, v in metrics.items()}))
+    (p1, m1), (p8, m8) = outs
+    for a, b in zip(jax.tree.leaves(p1), jax.tree.leaves(p8), strict=True):
+        # Adam's first step moves every weight by ±lr·g/|g|: compare within 2 % of lr = 1e-3
+        np.testing.assert_allclose(a, b, rtol=0, atol=2e-5)
+    for k in m1:
+        np.testing.assert_allclose(m1[k], m8[k], rtol=1e-5, atol=1e-6, err_msg=k)
+
+
+def test_required_fields_follow_the_loss():
+    assert sp.required_fields(loss_config("reference")) == {"reference"}
+    assert sp.required_fields(loss_config("uniform")) == set()
+    assert sp.required_fields(loss_config("sparse_masks")) == {"reference", "kl", "mask_u"}
+    wpo = loss_config("reference")
+    wpo.weighting = "wpo"
+    assert sp.required_fields(wpo) == {"reference", "logsumsq"}
+
+
+def test_step_zero_is_log2_when_policy_is_reference():
+    mesh = one_device_mesh()
+    graph, policy, _, _ = models(mesh)
+    spec = make_spec(graph, frozen(loss_config("reference")))
+    state = st.init_state({"policy": policy}, spec.tx, 0)
+    _, m = jax.jit(functools.partial(sp.train_step, spec=spec))(state, random_batch(), policy)
+    np.testing.assert_allclose(float(m["loss"].value), np.log(2.0), rtol=1e-6)
+    assert abs(float(m["rewards/margins"].value)) < 1e-5
+
+
+@pytest.mark.parametrize("kind", ["cosine", "linear", "constant"])
+def test_schedule_warms_up_then_decays(kind):
+    opt = mlc.ConfigDict(dict(learning_rate=1.0, warmup_steps=10, schedule=kind, end_factor=0.1))
+    lr = optim.schedule(opt, 110)
+    assert float(lr(0)) == 0.0 and float(lr(5)) == pytest.approx(0.5)
+    assert float(lr(10)) == pytest.approx(1.0)
+    end = {"cosine": 0.1, "linear": 0.1, "constant": 1.0}[kind]
+    assert float(lr(110)) == pytest.approx(end, abs=1e-6)
+
+
+def test_rmsprop_matches_torch_defaults():
+    opt = mlc.ConfigDict(dict(name="rmsprop", learning_rate=0.1, warmup_steps=0))
+    tx, _ = optim.make_optimizer(opt, 10)
+    p = {"w": jnp.array([1.0, -2.0])}
+    g = {"w": jnp.array([0.5, 0.25])}
+    updates, _ = tx.update(g, tx.init(p), p)
+    # torch: v = 0.01 g², p -= lr · g / (sqrt(v) + eps)  ->  step of lr / 0.1 = 1.0 in size
+    expected = -0.1 * g["w"] / (np.sqrt(0.01) * np.abs(g["w"]))
+    np.testing.assert_allclose(updates["w"], expected, rtol=1e-5)
