@@ -1,0 +1,83 @@
+"""Preemption: turn SIGTERM into a flag the training loop polls, then save and exit 0.
+
+    with PreemptionGuard() as guard:
+        while step < total:
+            state, metrics = train_step(state, next(data))
+            step += 1
+            ckpt.save(step, state, data_iter=data.get_state())         # periodic, async
+            if guard.should_stop(step):
+                break
+        ckpt.save(step, state, data_iter=data.get_state(), force=True, wait=True)
+    # main returns normally: exit code 0
+
+One process: the handler only sets a flag (no I/O in signal context); `should_stop` reads it.
+
+Several processes (`jax.distributed`): JAX's preemption service already owns SIGTERM and
+agrees on a step at which *every* process stops (the next step after the furthest one when the
+notice arrived), so `should_stop(step)` asks `multihost_utils.reached_preemption_sync_point`
+and the guard installs no handler of its own. Call `should_stop` at every step with the same
+step number on all processes.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+
+import jax
+from jax.experimental import multihost_utils
+
+logger = logging.getLogger("mipo_jax.checkpoint")
+
+
+def _jax_preemption_service() -> bool:
+    # jax.distributed.initialize starts it (and its SIGTERM listener) unless disabled.
+    return jax.process_count() > 1 and bool(jax.config.jax_enable_preemption_service)
+
+
+class PreemptionGuard:
+    """Context manager: while active, `signals` (default SIGTERM) request a clean stop."""
+
+    def __init__(self, signals: tuple[int, ...] = (signal.SIGTERM,)):
+        self._signals = tuple(signals)
+        self._stop = threading.Event()
+        self._previous: dict[int, object] = {}
+        self._multiprocess = False
+        self._reported = False
+        self.signal_number: int | None = None
+
+    def __enter__(self) -> PreemptionGuard:
+        self._multiprocess = _jax_preemption_service()
+        if not self._multiprocess:
+            if threading.current_thread() is not threading.main_thread():
+                raise RuntimeError("PreemptionGuard must be entered on the main thread")
+            for signum in self._signals:
+                self._previous[signum] = signal.signal(signum, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+        self._previous.clear()
+
+    def _handle(self, signum, frame) -> None:
+        self.signal_number = signum
+        self._stop.set()
+
+    def request_stop(self) -> None:
+        """Ask for a stop as a signal would (in multi-process runs: call it on every process)."""
+        self._stop.set()
+
+    def should_stop(self, step: int | None = None) -> bool:
+        """True once a stop was requested (multi-process: at the agreed step, on all)."""
+        stop = self._stop.is_set()
+        if self._multiprocess and not stop:
+            if step is None:
+                raise ValueError("should_stop needs the step number in multi-process runs")
+            stop = multihost_utils.reached_preemption_sync_point(step)
+        if stop and not self._reported:
+            self._reported = True
+            why = signal.Signals(self.signal_number).name if self.signal_number else "preemption"
+            logger.warning("Stopping at step %s (%s): saving a checkpoint and exiting", step, why)
+        return stop
