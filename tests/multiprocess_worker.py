@@ -235,10 +235,11 @@ def _cmd_restore(args, mesh):
     leaves = jax.tree_util.tree_flatten_with_path(state)[0]
     dtypes = {jax.tree_util.keystr(p): str(x.dtype) for p, x in leaves}
     arrays = {f"restored/{k}": v for k, v in flatten(state).items()}
+    spec_json = json.dumps(specs(state))  # before the step donates `state`
     new, loss = jit_step(mesh)(state, Data(**restored.data_iter).next_global(mesh))
     arrays.update({f"next/{k}": v for k, v in flatten(new).items()})
     extra = {
-        "specs": json.dumps(specs(state)),
+        "specs": spec_json,
         "dtypes": json.dumps(dtypes),
         "config": json.dumps(restored.config.to_dict()),
         "loss": np.asarray(loss),
