@@ -18,7 +18,13 @@ import jax.numpy as jnp
 import numpy as np
 
 from mipo_jax.losses import mipo_loss, scores, validate
-from mipo_jax.losses.logps import token_kl, token_logps, token_logsumsq
+from mipo_jax.losses.logps import (
+    chunked_token_logps,
+    chunked_token_stats,
+    token_kl,
+    token_logps,
+    token_logsumsq,
+)
 from mipo_jax.types import TokenInputs
 from tests.reference import complex_step
 from tests.reference import originals as O
@@ -101,17 +107,51 @@ def token_inputs(case: Case, fx: Fixture, Lp, Lr, Lprev, mu, md) -> TokenInputs:
     )
 
 
-def mi_loss_fn(case: Case, config, fx: Fixture, *, frozen_reference: bool = False):
+CHUNK = 3  # tokens per chunk on the trainer's path: T = 7 is not a multiple (padding)
+
+
+@jax.jit
+def _trainer_fields(Lp, Lr, Lprev, y):
+    """(policy, kl, logsumsq, reference, previous) per token on the trainer's path; jitted once
+    for every case (the chunked scans are slow to run op by op)."""
+    eye = jnp.eye(Lp.shape[-1], dtype=Lp.dtype)
+    stats = chunked_token_stats(Lp, eye, y, logsumsq=True, ref_h=Lr, ref_w=eye, chunk_size=CHUNK)
+    frozen = [jax.lax.stop_gradient(chunked_token_logps(x, eye, y, chunk_size=CHUNK))
+              for x in (Lr, Lprev)]  # fmt: skip
+    return stats.logps, stats.kl, stats.logsumsq, *frozen
+
+
+def trainer_token_inputs(case: Case, fx: Fixture, Lp, Lr, Lprev, mu, md) -> TokenInputs:
+    """TokenInputs as ``mipo_jax/train/step.py`` builds them from a live, frozen reference.
+
+    The chunked custom-VJP path (``chunked_token_stats``) with an identity unembedding, so
+    its hidden states are the logits: policy log-probs, log Σπ² and the KL to the reference,
+    whose gradient into the reference the function itself stops; the reference log-probs
+    wrapped in ``stop_gradient`` as the train step does.
+    """
+    policy, kl, logsumsq, ref, prev = _trainer_fields(Lp, Lr, Lprev, jnp.asarray(fx.y))
+    return TokenInputs(
+        policy=policy,
+        mask=jnp.asarray(fx.m),
+        reference=prev if case.previous else ref,
+        kl=kl,
+        logsumsq=logsumsq,
+        token_weights=jnp.asarray(fx.w) if case.weights else None,
+        mask_u=mu if "mu" in case.extras else None,
+        mask_d=md if "md" in case.extras else None,
+    )
+
+
+def mi_loss_fn(case: Case, config, fx: Fixture, *, trainer_path: bool = False):
     """``f(Lp, Lr, Lprev, mu, md) -> loss`` of MI-DPO as configured.
 
-    With ``frozen_reference`` the reference-side logits enter through ``stop_gradient``, as a
-    trainer feeds a frozen reference model (the original code's ``torch.no_grad()``).
+    ``trainer_path``: inputs from :func:`trainer_token_inputs` (frozen reference, chunked
+    log-probs) instead of the naive, fully differentiable :func:`token_inputs`.
     """
+    build = trainer_token_inputs if trainer_path else token_inputs
 
     def f(Lp, Lr, Lprev, mu, md):
-        if frozen_reference:
-            Lr, Lprev = jax.lax.stop_gradient(Lr), jax.lax.stop_gradient(Lprev)
-        return mipo_loss(token_inputs(case, fx, Lp, Lr, Lprev, mu, md), config.loss)[0]
+        return mipo_loss(build(case, fx, Lp, Lr, Lprev, mu, md), config.loss)[0]
 
     return f
 
