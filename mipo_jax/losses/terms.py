@@ -20,11 +20,15 @@ def l1_masks(inputs: TokenInputs, valid, coef_u: float, coef_d: float) -> Metric
     """SparsePO's λ_u(‖m^u_w‖₁ + ‖m^u_l‖₁) + λ_d(‖m^d_w‖₁ + ‖m^d_l‖₁) per pair, over pairs.
 
     Norms run over completion tokens. In sparse-common mode (``mask_d is None``) the one
-    mask is penalised with λ_u + λ_d, as the original code sums both penalties on it.
+    mask enters both norms, and the original code halves λ_u and λ_d "to make up for double
+    adding" (huawei-noah/HEBO SparsePO ``sparse_trainer.py``), so it is penalised with
+    (λ_u + λ_d)/2.
     """
     inputs.require("mask_u", who="term 'l1_mask'")
     mu = inputs.mask_u
     md = mu if inputs.mask_d is None else inputs.mask_d
+    if inputs.mask_d is None:
+        coef_u, coef_d = coef_u / 2.0, coef_d / 2.0
     per_pair = coef_u * jnp.sum(jnp.abs(mu) * inputs.mask, axis=(1, 2))
     per_pair += coef_d * jnp.sum(jnp.abs(md) * inputs.mask, axis=(1, 2))
     return Metric(jnp.sum(per_pair * valid), jnp.sum(valid))
