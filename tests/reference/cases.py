@@ -92,6 +92,15 @@ def load_config(case: Case):
 # ------------------------------------------------------------------------------------------
 
 
+def _extras(case: Case, fx: Fixture, mu, md) -> dict:
+    """The per-algorithm fields: TIS-DPO weights, SparsePO masks (None when not read)."""
+    return dict(
+        token_weights=jnp.asarray(fx.w) if case.weights else None,
+        mask_u=mu if "mu" in case.extras else None,
+        mask_d=md if "md" in case.extras else None,
+    )
+
+
 def token_inputs(case: Case, fx: Fixture, Lp, Lr, Lprev, mu, md) -> TokenInputs:
     """TokenInputs from raw logits with the package's log-prob functions (differentiable)."""
     y, m = jnp.asarray(fx.y), jnp.asarray(fx.m)
@@ -101,9 +110,7 @@ def token_inputs(case: Case, fx: Fixture, Lp, Lr, Lprev, mu, md) -> TokenInputs:
         reference=token_logps(Lprev if case.previous else Lr, y),
         kl=token_kl(Lr, Lp),
         logsumsq=token_logsumsq(Lp),
-        token_weights=jnp.asarray(fx.w) if case.weights else None,
-        mask_u=mu if "mu" in case.extras else None,
-        mask_d=md if "md" in case.extras else None,
+        **_extras(case, fx, mu, md),
     )
 
 
@@ -136,9 +143,7 @@ def trainer_token_inputs(case: Case, fx: Fixture, Lp, Lr, Lprev, mu, md) -> Toke
         reference=prev if case.previous else ref,
         kl=kl,
         logsumsq=logsumsq,
-        token_weights=jnp.asarray(fx.w) if case.weights else None,
-        mask_u=mu if "mu" in case.extras else None,
-        mask_d=md if "md" in case.extras else None,
+        **_extras(case, fx, mu, md),
     )
 
 
