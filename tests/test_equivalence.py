@@ -49,19 +49,12 @@ SIMPO_RANK = pytest.mark.xfail(
     "an error under tests/conftest.py's jax_numpy_rank_promotion='raise' (values and "
     "gradients match the original when promotion is allowed)",
 )
-SPARSE_COMMON_L1 = pytest.mark.xfail(
-    strict=True,
-    reason="mipo_jax/losses/terms.py:l1_masks penalises the shared sparse-common mask with "
-    "λ_u + λ_d; the original (HEBO SparsePO sparse_trainer.py __init__) halves both λ in "
-    "sparse-common mode, so its penalty is (λ_u + λ_d)/2 · (‖m_w‖₁ + ‖m_l‖₁)",
-)
 KNOWN = {"simpo_ii": SIMPO_RANK}
 
 
-def case_params(known=None):
-    known = {**KNOWN, **(known or {})}
+def case_params():
     return [
-        pytest.param(case, id=case.name, marks=[known[case.name]] if case.name in known else [])
+        pytest.param(case, id=case.name, marks=[KNOWN[case.name]] if case.name in KNOWN else [])
         for case in C.CASES
     ]
 
@@ -73,7 +66,7 @@ def test_fixture_has_the_spec_lengths(fx):
     assert np.any(fx.m[:, :, 0] == 0), "some completions must start after a prompt"
 
 
-@pytest.mark.parametrize("case", case_params({"sparsepo_common_l1": SPARSE_COMMON_L1}))
+@pytest.mark.parametrize("case", case_params())
 def test_original_equals_mi_dpo(case):
     """|L_orig − L_MI| < 1e-10; max |∇L_orig − ∇L_MI| < 1e-9 w.r.t. policy logits, the
     reference (or previous-iterate) logits and any learned masks."""
@@ -86,7 +79,7 @@ def test_original_equals_mi_dpo(case):
         assert np.max(np.abs(r.grad_orig[name])) > 1e-3, name
 
 
-@pytest.mark.parametrize("case", case_params({"sparsepo_common_l1": SPARSE_COMMON_L1}))
+@pytest.mark.parametrize("case", case_params())
 def test_trainer_path_freezes_the_reference(case, fx):
     """Inputs built as the train step builds them (chunked custom-VJP log-probs, KL and log Σπ²;
     reference frozen): the loss and the policy gradient are still the original's, and no
