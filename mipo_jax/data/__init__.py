@@ -1,0 +1,49 @@
+"""Preference data: TRL formats in, exact token boundaries, padded or packed batches out.
+
+Pipeline (each step is a module; `pipeline.build` chains them from a config):
+
+1. `load.load_rows`: rows from local json/jsonl/parquet/csv, a hub id or ``embedded:NAME``.
+2. `formats`: TRL's standard / implicit-prompt / conversational / unpaired rows, checked.
+3. `encoding.tokenize_rows`: one BOS, EOS after each completion, truncation, bad-input
+   policy (`report`), for this process's contiguous shard only.
+4. `iterator.PreferenceIterator`: deterministic, resumable batches in one of three layouts
+   (`packing`): ``padded`` (pair axis), ``pairs`` (pair packing), ``shared_prompt``.
+5. `iterator.to_global`: host-local batch -> global ``jax.Array``s.
+
+A batch is a dict of arrays in the train step's group layout (`mipo_jax.train.layout`);
+`batch` documents every field and shape. Every layout is used the same way::
+
+    rows = lambda x: x.reshape(-1, x.shape[-1])                     # [G, K, T] -> [G*K, T]
+    h = model.hidden(rows(b["tokens"]), rows(b["positions"]), rows(b["segment_ids"]),
+                     attend_to=None if "attend_to" not in b else rows(b["attend_to"]))
+    h = gather_slots(h.reshape(G, K, T, -1), b["pred_index"])     # [G, P, S, C, D]
+    logp = token_logps(h @ w_unembed, b["targets"])                # * b["mask"]
+
+Embedded datasets and tokenizers: `embedded`; the tasks' exact quantities: `tasks`.
+"""
+
+from mipo_jax.data.batch import LAYOUTS, attention_mask, gather_slots
+from mipo_jax.data.encoding import Limits, Tokenized, tokenize_records, tokenize_rows
+from mipo_jax.data.iterator import PreferenceIterator, to_global
+from mipo_jax.data.load import load_rows
+from mipo_jax.data.packing import Layout
+from mipo_jax.data.pipeline import build, data_config
+from mipo_jax.data.report import BadInputError, Report
+
+__all__ = [
+    "LAYOUTS",
+    "BadInputError",
+    "Layout",
+    "Limits",
+    "PreferenceIterator",
+    "Report",
+    "Tokenized",
+    "attention_mask",
+    "gather_slots",
+    "build",
+    "data_config",
+    "load_rows",
+    "to_global",
+    "tokenize_records",
+    "tokenize_rows",
+]

@@ -1,0 +1,314 @@
+"""Tokenisation: exactly one BOS, one EOS ending each completion, truncation that keeps both.
+
+Each row becomes ``prompt`` token ids and one token list per completion, stored ragged in
+`Tokenized`. The loss later reads completion tokens only.
+
+* **Standard (string) rows**: prompt and each completion are tokenised separately without
+  special tokens (so the prompt's tokens are the same for chosen and rejected and equal to
+  what the model sees at generation time); BOS is prepended when the tokenizer itself adds
+  one (``add_bos="auto"``), and EOS is appended to each completion.
+* **Conversational rows**: the prompt is ``apply_chat_template(prompt,
+  add_generation_prompt=True)``; a completion is the template's rendering of
+  ``prompt + completion`` minus that prefix. BOS comes only from the template (as in
+  ``apply_chat_template(tokenize=True)``), never also from the tokenizer.
+* Leading repeated BOS collapse to one. A completion ends at its first EOS (dropping, e.g.,
+  the newline a ChatML template writes after ``<|im_end|>``), or gets an EOS appended.
+
+Truncation never cuts a token (it works on token ids, not characters), never removes the
+BOS or the chat template's generation prompt (``<|im_start|>assistant\\n``), and never
+empties a completion (such a row is bad input instead). With ``max_completion_length`` a
+completion keeps its start (losing its EOS); with ``max_prompt_length`` and ``max_length``,
+``truncation_mode="keep_end"`` (TRL's default) drops the start of the prompt body first and
+only then completion ends; ``"keep_start"`` drops completion ends.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import numpy as np
+
+from mipo_jax.data import formats
+from mipo_jax.data.load import Rows, shard_bounds
+from mipo_jax.data.ragged import Ragged
+from mipo_jax.data.report import BadRow, Report
+
+TRUNCATION_MODES = ("keep_end", "keep_start")
+
+
+@dataclasses.dataclass(frozen=True)
+class Limits:
+    """Length limits in tokens (None = no limit) and the truncation mode."""
+
+    max_length: int | None = None
+    max_prompt_length: int | None = None
+    max_completion_length: int | None = None
+    truncation_mode: str = "keep_end"
+
+    def __post_init__(self):
+        if self.truncation_mode not in TRUNCATION_MODES:
+            raise ValueError(f"truncation_mode must be one of {TRUNCATION_MODES}")
+        for name in ("max_length", "max_prompt_length", "max_completion_length"):
+            v = getattr(self, name)
+            if v is not None and v < 1:
+                raise ValueError(f"{name} must be >= 1 or None, got {v}")
+
+
+@dataclasses.dataclass
+class Tokenized:
+    """The tokenised (process-local) shard: N examples, K completions each.
+
+    Attributes:
+      prompt: ragged prompt ids (BOS included).
+      completions: K ragged completion id lists (EOS included unless truncated).
+      example_id: [N] global row index in the source (for debugging and de-duplication).
+      ref_logps: [N, K] float32 precomputed reference log-probs, or None.
+      label: [N] bool for unpaired data (True = desirable), else None.
+      pad_id: the id written into padding (never read by the loss: masks decide).
+      report: what was skipped or truncated, and why.
+    """
+
+    prompt: Ragged
+    completions: tuple[Ragged, ...]
+    example_id: np.ndarray
+    ref_logps: np.ndarray | None
+    label: np.ndarray | None
+    pad_id: int
+    report: Report
+
+    def __len__(self) -> int:
+        return len(self.prompt)
+
+    @property
+    def num_completions(self) -> int:
+        return len(self.completions)
+
+    def lengths(self) -> tuple[np.ndarray, np.ndarray]:
+        """(prompt lengths [N], completion lengths [N, K])."""
+        return self.prompt.lengths, np.stack([c.lengths for c in self.completions], axis=1)
+
+
+def tokenizer_adds_bos(tokenizer) -> bool:
+    """Whether the tokenizer's own post-processor puts BOS in front of a text."""
+    bos = tokenizer.bos_token_id
+    if bos is None:
+        return False
+    with_special = tokenizer("a", add_special_tokens=True)["input_ids"]
+    without = tokenizer("a", add_special_tokens=False)["input_ids"]
+    return len(with_special) > len(without) and with_special[0] == bos
+
+
+class Encoder:
+    """Turns `formats.Record`s into token ids for one tokenizer (HF fast tokenizer API)."""
+
+    def __init__(self, tokenizer, *, add_bos: bool | str = "auto", eos_token: str | None = None):
+        self.tokenizer = tokenizer
+        self.bos_id = tokenizer.bos_token_id
+        self.eos_id = (
+            tokenizer.convert_tokens_to_ids(eos_token) if eos_token else tokenizer.eos_token_id
+        )
+        if self.eos_id is None:
+            raise ValueError("the tokenizer has no EOS token; pass eos_token=...")
+        self.add_bos = tokenizer_adds_bos(tokenizer) if add_bos == "auto" else bool(add_bos)
+        if self.add_bos and self.bos_id is None:
+            raise ValueError("add_bos=True but the tokenizer has no BOS token")
+        pad = tokenizer.pad_token_id
+        self.pad_id = int(pad if pad is not None else self.eos_id)
+
+    def texts(self, record: formats.Record) -> tuple[str, list[str]]:
+        """(prompt text, completion texts); chat templates applied for conversational rows."""
+        if not record.conversational:
+            return record.prompt, list(record.completions)
+        render = self.tokenizer.apply_chat_template
+        try:
+            prompt = render(list(record.prompt), tokenize=False, add_generation_prompt=True)
+            fulls = [render(list(record.prompt + c), tokenize=False) for c in record.completions]
+        except Exception as e:  # jinja raises on, e.g., roles that do not alternate
+            raise BadRow("template_error", f"chat template failed: {e}") from None
+        if not all(f.startswith(prompt) for f in fulls):
+            raise BadRow("template_error", "the template's prompt is not a prefix of prompt+reply")
+        return prompt, [f[len(prompt) :] for f in fulls]
+
+    def encode(self, texts: list[str]) -> list[list[int]]:
+        """Token ids of many texts, no special tokens added (batched, in Rust when possible)."""
+        if not texts:
+            return []
+        backend = getattr(self.tokenizer, "backend_tokenizer", None)
+        if backend is not None:  # what the fast tokenizer's __call__ runs, minus its overhead
+            return [e.ids for e in backend.encode_batch(texts, add_special_tokens=False)]
+        return self.tokenizer(texts, add_special_tokens=False)["input_ids"]
+
+    def finish_prompt(self, ids: list[int], conversational: bool) -> list[int]:
+        """Exactly one BOS where the tokenizer (standard) or the template (chat) wants one."""
+        if self.add_bos and not conversational and ids[:1] != [self.bos_id]:
+            ids = [self.bos_id] + ids
+        while self.bos_id is not None and ids[:2] == [self.bos_id, self.bos_id]:
+            ids = ids[1:]
+        if not ids:
+            raise BadRow("empty_prompt", "the prompt has no tokens (no BOS and no text)")
+        return ids
+
+    def finish_completion(self, ids: list[int]) -> list[int]:
+        """End at the first EOS, or append one."""
+        if self.eos_id in ids:
+            return ids[: ids.index(self.eos_id) + 1]
+        return ids + [self.eos_id]
+
+    def protected_tail(self, record: formats.Record, prompt_ids: list[int]) -> int:
+        """Number of trailing prompt tokens that are the chat template's generation prompt."""
+        if not record.conversational or not record.prompt:
+            return 0
+        bare = self.tokenizer.apply_chat_template(list(record.prompt), tokenize=False)
+        bare_ids = self.finish_prompt(self.encode([bare])[0], True) if bare else []
+        n = len(bare_ids)
+        return len(prompt_ids) - n if prompt_ids[:n] == bare_ids else 0
+
+
+def _cut_prompt(p: list[int], n: int, head: int, tail: int, keep_end: bool) -> list[int]:
+    if n < head + tail:
+        raise BadRow(
+            "prompt_too_long",
+            f"the prompt's BOS/generation-prompt tokens ({head + tail}) exceed the limit {n}",
+        )
+    body = p[head : len(p) - tail]
+    keep = n - head - tail
+    body = body[len(body) - keep :] if keep_end else body[:keep]
+    return p[:head] + body + p[len(p) - tail :]
+
+
+def truncate(
+    prompt: list[int],
+    completions: list[list[int]],
+    limits: Limits,
+    *,
+    head: int,
+    tail_fn,
+) -> tuple[list[int], list[list[int]]]:
+    """Apply ``limits``; ``head``/``tail_fn()`` give the prompt's protected token counts."""
+    keep_end = limits.truncation_mode == "keep_end"
+    cs = completions
+    if limits.max_completion_length is not None:
+        cs = [c[: limits.max_completion_length] for c in cs]
+    p = prompt
+    if limits.max_prompt_length is not None and len(p) > limits.max_prompt_length:
+        p = _cut_prompt(p, limits.max_prompt_length, head, tail_fn(), keep_end)
+    if limits.max_length is not None:
+        longest = max(len(c) for c in cs)
+        if len(p) + longest > limits.max_length:
+            if keep_end:
+                tail = tail_fn()
+                budget = max(limits.max_length - longest, head + tail)
+                p = _cut_prompt(p, budget, head, tail, True) if len(p) > budget else p
+            room = limits.max_length - len(p)
+            if room < 1:
+                raise BadRow(
+                    "empty_after_truncation",
+                    f"the prompt ({len(p)} tokens) leaves no room for a completion within "
+                    f"max_length={limits.max_length} under truncation_mode='keep_start'",
+                )
+            cs = [c[:room] for c in cs]
+    if len(cs) == 2 and cs[0] == cs[1]:
+        raise BadRow("identical_after_truncation", "chosen and rejected are equal after truncation")
+    return p, cs
+
+
+def _parts(k: int) -> tuple[str, ...]:
+    return ("chosen", "rejected") if k == 2 else ("completion",)
+
+
+def tokenize_rows(
+    rows: Rows,
+    tokenizer,
+    *,
+    kind: str = "auto",
+    limits: Limits = Limits(),
+    bad_input: str = "error",
+    add_bos: bool | str = "auto",
+    eos_token: str | None = None,
+    process_index: int = 0,
+    process_count: int = 1,
+    chunk: int = 1024,
+) -> Tokenized:
+    """Check, render and tokenise this process's contiguous shard of ``rows``."""
+    kind = formats.detect_kind(rows.column_names, kind, rows.source)
+    enc = Encoder(tokenizer, add_bos=add_bos, eos_token=eos_token)
+    report = Report(rows.source, bad_input)
+    lo, hi = shard_bounds(len(rows), process_index, process_count)
+    k = 1 if kind == "unpaired" else 2
+    out: dict[str, list] = {"prompt": [], "comp": [], "id": [], "ref": [], "label": []}
+    it = rows.iter(lo, hi)
+    while batch := _take(it, chunk):
+        _tokenize_chunk(batch, kind, enc, limits, report, out)
+    report.kept = len(out["id"])
+    if report.kept == 0:
+        raise ValueError(
+            f"{rows.source}: no usable rows in shard {process_index}.\n{report.summary()}"
+        )
+    has_ref = any(r is not None for r in out["ref"])
+    if has_ref and any(r is None for r in out["ref"]):
+        raise ValueError(f"{rows.source}: ref log-probs are present for some rows only")
+    return Tokenized(
+        prompt=Ragged.from_lists(out["prompt"]),
+        completions=tuple(Ragged.from_lists([c[j] for c in out["comp"]]) for j in range(k)),
+        example_id=np.asarray(out["id"], np.int64),
+        ref_logps=np.asarray(out["ref"], np.float32) if has_ref else None,
+        label=np.asarray(out["label"], bool) if kind == "unpaired" else None,
+        pad_id=enc.pad_id,
+        report=report,
+    )
+
+
+def _take(it: Iterable, n: int) -> list:
+    out = []
+    for x in it:
+        out.append(x)
+        if len(out) == n:
+            break
+    return out
+
+
+def _tokenize_chunk(batch, kind, enc: Encoder, limits: Limits, report: Report, out) -> None:
+    """Normalise and render a chunk of rows, tokenise all its texts at once, then finish."""
+    report.rows += len(batch)
+    good: list[tuple[int, formats.Record, str, list[str]]] = []
+    bad: list[tuple[int, BadRow]] = []  # reported in row order once the chunk is done
+    for index, row in batch:
+        try:
+            if isinstance(row, BadRow):
+                raise row
+            record = formats.normalise(row, kind)
+            good.append((index, record, *enc.texts(record)))
+        except BadRow as e:
+            bad.append((index, e))
+    k = 1 if kind == "unpaired" else 2
+    ids = enc.encode([t for _, _, p, cs in good for t in (p, *cs)])
+    for j, (index, record, _, _) in enumerate(good):
+        raw = ids[j * (k + 1) : (j + 1) * (k + 1)]
+        try:
+            prompt = enc.finish_prompt(list(raw[0]), record.conversational)
+            comps = [enc.finish_completion(list(c)) for c in raw[1:]]
+            head = int(enc.bos_id is not None and prompt[:1] == [enc.bos_id])
+            tail_fn = functools.partial(enc.protected_tail, record, prompt)
+            p, cs = truncate(prompt, comps, limits, head=head, tail_fn=tail_fn)
+        except BadRow as e:
+            bad.append((index, e))
+            continue
+        report.truncation("prompt", len(prompt) - len(p))
+        for part, c, c0 in zip(_parts(k), cs, comps):
+            report.truncation(part, len(c0) - len(c))
+        out["prompt"].append(p)
+        out["comp"].append(cs)
+        out["id"].append(index)
+        out["ref"].append(record.ref_logps)
+        out["label"].append(record.label)
+    for index, e in sorted(bad, key=lambda x: x[0]):
+        report.bad(index, e.reason, e.detail)
+
+
+def tokenize_records(records: Sequence[dict[str, Any]], tokenizer, **kwargs) -> Tokenized:
+    """Tokenise in-memory row dicts (tests, notebooks): ``tokenize_rows`` on a list."""
+    names = list(dict.fromkeys(k for r in records for k in r))
+    return tokenize_rows(Rows("records", list(records), names), tokenizer, **kwargs)
