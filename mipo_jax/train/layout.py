@@ -80,3 +80,49 @@ def concat_groups(batches):
     """Stack step batches along the group axis (same shapes required)."""
     keys = batches[0].keys()
     return {k: np.concatenate([np.asarray(b[k]) for b in batches]) for k in keys}
+
+
+def padded_examples(data, index, *, max_length: int, max_completion: int):
+    """Padded step batch (one group per example, K = S rows) of ``data`` examples ``index``.
+
+    ``data`` is a ``mipo_jax.data.Tokenized`` shard with S completions per example; used to
+    score a whole dataset in a fixed order (reference caches, exact task evaluation).
+    """
+    index = np.asarray(index)
+    s = data.num_completions
+    g, t, c = len(index), max_length, max_completion
+    out = {
+        "tokens": np.full((g, s, t), data.pad_id, np.int32),
+        "segment_ids": np.zeros((g, s, t), np.int32),
+        "positions": np.zeros((g, s, t), np.int32),
+        "pred_index": np.zeros((g, 1, s, c), np.int32),
+        "targets": np.zeros((g, 1, s, c), np.int32),
+        "mask": np.zeros((g, 1, s, c), np.float32),
+        "pair_valid": np.ones((g, 1), np.float32),
+    }
+    for j, i in enumerate(index):
+        p = data.prompt[int(i)]
+        for k in range(s):
+            y = data.completions[k][int(i)]
+            n, m = len(p) + len(y), len(y)
+            if n > t or m > c:
+                raise ValueError(f"example {i}: {n} tokens > T={t} or completion {m} > C={c}")
+            out["tokens"][j, k, : len(p)] = p
+            out["tokens"][j, k, len(p) : n] = y
+            out["segment_ids"][j, k, :n] = 1
+            out["positions"][j, k, :n] = np.arange(n)
+            out["pred_index"][j, 0, k, :m] = k * t + np.arange(len(p) - 1, n - 1)
+            out["targets"][j, 0, k, :m] = y
+            out["mask"][j, 0, k, :m] = 1.0
+    return out
+
+
+def pad_groups(batch, multiple: int):
+    """Append empty groups (``pair_valid`` 0, no tokens) so G is a multiple of ``multiple``."""
+    g = batch["tokens"].shape[0]
+    extra = -g % multiple
+    if not extra:
+        return batch
+    return {
+        k: np.concatenate([v, np.zeros((extra, *v.shape[1:]), v.dtype)]) for k, v in batch.items()
+    }

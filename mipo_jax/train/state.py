@@ -23,8 +23,11 @@ class TrainState:
     """Everything that is trained or checkpointed (the live reference is neither).
 
     ``params`` maps a module name (``policy``, and ``mask_net`` or ``prior`` where the
-    algorithm has them) to its pure parameter dict. ``rng`` is raw key data (uint32).
-    ``nonfinite`` counts consecutive skipped steps, ``skipped`` all of them.
+    algorithm has them) to its pure parameter dict. ``aux`` holds models that change during
+    the run without a gradient and so must be checkpointed: TR-DPO's moving reference, the
+    previous round's policy of DICE/SPIN (key ``reference``: the step reads it instead of
+    the frozen reference argument). ``rng`` is raw key data (uint32). ``nonfinite`` counts
+    consecutive skipped steps, ``skipped`` all of them.
     """
 
     step: jax.Array
@@ -33,9 +36,10 @@ class TrainState:
     rng: jax.Array
     nonfinite: jax.Array
     skipped: jax.Array
+    aux: dict = struct.field(default_factory=dict)
 
 
-def init_state(params: dict, tx: optax.GradientTransformation, seed: int) -> TrainState:
+def init_state(params: dict, tx: optax.GradientTransformation, seed: int, aux=None) -> TrainState:
     return TrainState(
         step=jnp.zeros((), jnp.int32),
         params=params,
@@ -43,6 +47,7 @@ def init_state(params: dict, tx: optax.GradientTransformation, seed: int) -> Tra
         rng=jax.random.key_data(jax.random.key(seed)),
         nonfinite=jnp.zeros((), jnp.int32),
         skipped=jnp.zeros((), jnp.int32),
+        aux=dict(aux or {}),
     )
 
 
@@ -77,7 +82,7 @@ def create_params(make: Callable[[], nnx.Module], mesh) -> tuple[Any, dict, dict
     return graphdef, params, shardings
 
 
-def state_shardings(state: TrainState, tx, params_sharding: dict, mesh) -> TrainState:
+def state_shardings(state: TrainState, tx, params_sharding: dict, mesh, aux=None) -> TrainState:
     """Shardings of a (possibly abstract) state: optimiser moments follow their parameter."""
     rep = replicated(mesh)
     opt = optax.tree_map_params(
@@ -89,7 +94,13 @@ def state_shardings(state: TrainState, tx, params_sharding: dict, mesh) -> Train
         is_leaf=lambda x: isinstance(x, NamedSharding),
     )
     return TrainState(
-        step=rep, params=params_sharding, opt_state=opt, rng=rep, nonfinite=rep, skipped=rep
+        step=rep,
+        params=params_sharding,
+        opt_state=opt,
+        rng=rep,
+        nonfinite=rep,
+        skipped=rep,
+        aux=dict(aux or {}),
     )
 
 

@@ -239,6 +239,7 @@ def _scalar(x) -> Metric:
 def train_step(state: TrainState, batch: dict, ref_params, *, spec: StepSpec):
     """One optimiser step; a non-finite loss or gradient leaves params and optimiser as is."""
     rng, key = jax.random.split(jax.random.wrap_key_data(state.rng))
+    ref_params = state.aux.get("reference", ref_params)
     loss, grads, metrics = _grads(state.params, ref_params, batch, key, spec)
     grad_norm = optax.tree.norm(grads)
     ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)

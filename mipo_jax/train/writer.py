@@ -77,7 +77,7 @@ def plot(metrics_path: str, png_path: str, curves=MAIN_CURVES) -> str | None:
 
     rows = read_metrics(metrics_path)
     present = [c for c in curves if any(c in r or f"eval/{c}" in r for r in rows)]
-    extra = sorted({k for r in rows for k in r if k.startswith("true/")})
+    extra = sorted({k.removeprefix("eval/") for r in rows for k in r if "true/" in k})
     present += [k for k in extra if k not in present]
     if not present:
         return None

@@ -1,0 +1,94 @@
+"""Config validation that runs before anything heavy (no data, no model, no compile).
+
+Each error names the key, its value and what is allowed. The loss section is checked by
+`mipo_jax.losses.validate` (or the KTO section for ``objective='unpaired'``).
+"""
+
+from mipo_jax.data import LAYOUTS
+from mipo_jax.losses import validate as validate_loss
+from mipo_jax.models.config import DTYPES, FAMILIES, REMAT_POLICIES
+from mipo_jax.train.optim import OPTIMIZERS, SCHEDULES
+
+REFERENCE_MODES = ("live", "cached", "dataset")
+OBJECTIVES = ("paired", "unpaired")
+
+
+def _choice(key: str, value, allowed) -> None:
+    if value not in allowed:
+        raise ValueError(f"{key}={value!r} is not allowed; choose one of: {', '.join(allowed)}")
+
+
+def _check(cond: bool, key: str, value, rule: str) -> None:
+    if not cond:
+        raise ValueError(f"{key}={value!r} is out of range: {rule}")
+
+
+def validate(config) -> None:
+    """Raise ``ValueError`` naming the first bad key."""
+    _choice("objective", config.objective, OBJECTIVES)
+    if config.objective == "paired":
+        validate_loss(config.loss)
+    else:
+        _choice("kto.loss_type", config.kto.loss_type, ("kto", "apo_zero_unpaired"))
+    _choice("optim.name", config.optim.name, OPTIMIZERS)
+    _choice("optim.schedule", config.optim.schedule, SCHEDULES)
+    _check(config.optim.learning_rate > 0, "optim.learning_rate", config.optim.learning_rate, "> 0")
+    _check(config.optim.warmup_steps >= 0, "optim.warmup_steps", config.optim.warmup_steps, ">= 0")
+    m = config.model
+    init = m.init
+    ok = init in ("random", "smollm2") or init.startswith(("hf:", "gguf:"))
+    _check(ok, "model.init", init, "random | hf:<folder> | gguf:<file> | smollm2")
+    _choice("model.family", m.family, FAMILIES)
+    _choice("model.compute_dtype", m.compute_dtype, DTYPES)
+    _choice("model.param_dtype", m.param_dtype, DTYPES)
+    _choice("model.remat", m.remat, REMAT_POLICIES)
+    _choice("data.layout", config.data.layout, LAYOUTS)
+    _choice("reference.mode", config.reference.mode, REFERENCE_MODES)
+    t = config.train
+    _check(config.batch_size >= 1, "batch_size", config.batch_size, ">= 1")
+    _check(t.grad_accum >= 1, "train.grad_accum", t.grad_accum, ">= 1")
+    _check(t.num_steps >= 1, "train.num_steps", t.num_steps, ">= 1")
+    _check(t.max_nonfinite >= 1, "train.max_nonfinite", t.max_nonfinite, ">= 1")
+    _check(t.logps_chunk >= 1, "train.logps_chunk", t.logps_chunk, ">= 1")
+    groups = config.batch_size if config.data.layout == "padded" else config.data.groups
+    _check(
+        groups % t.grad_accum == 0,
+        "train.grad_accum",
+        t.grad_accum,
+        f"must divide the groups per step ({groups}: batch_size, or data.groups when packed)",
+    )
+    _check(config.checkpoint.every >= 1, "checkpoint.every", config.checkpoint.every, ">= 1")
+    _check(config.checkpoint.keep >= 1, "checkpoint.keep", config.checkpoint.keep, ">= 1")
+    _check_algorithm_state(config)
+
+
+def _check_algorithm_state(config) -> None:
+    prior = config.loss.prior.name
+    needs_live = (
+        prior in ("sequential_kl", "sparse_masks") or "ref_sync" in config or "rounds" in config
+    )
+    if needs_live and config.reference.mode != "live":
+        raise ValueError(
+            f"reference.mode={config.reference.mode!r}: {config.algorithm} needs a live reference "
+            "(per-token KL to the full reference distribution, or a reference that moves); "
+            "use reference.mode='live'"
+        )
+    if config.reference.mode == "dataset" and config.objective == "paired":
+        if prior in ("token_weighted", "sparse_masks", "length_desensitized"):
+            raise ValueError(
+                f"reference.mode='dataset' gives sequence-level log-probs; prior {prior!r} needs "
+                "per-token ones: use 'live' or 'cached'"
+            )
+    if "prior_model" in config and config.data.layout != "padded" and config.loss.mi_weight:
+        raise ValueError("the learnable prior's policy samples need data.layout='padded'")
+    if "rounds" in config and config.rounds.num_rounds < 1:
+        raise ValueError(f"rounds.num_rounds={config.rounds.num_rounds} must be >= 1")
+    if "ref_sync" in config:
+        a = config.ref_sync.mixup_alpha
+        _check(0 < a <= 1, "ref_sync.mixup_alpha", a, "in (0, 1]")
+        _check(
+            config.ref_sync.sync_steps >= 1,
+            "ref_sync.sync_steps",
+            config.ref_sync.sync_steps,
+            ">= 1",
+        )

