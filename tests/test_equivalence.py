@@ -42,21 +42,8 @@ def _comparison(name):
         return C.compare(case, C.load_config(case), fixture.make(0))
 
 
-# Known bugs in mipo_jax (not in the originals), reported to the lead; strict, so a fix shows.
-SIMPO_RANK = pytest.mark.xfail(
-    strict=True,
-    reason="mipo_jax/priors/policy.py:simpo adds sign [2] to [B, 2]: implicit rank promotion, "
-    "an error under tests/conftest.py's jax_numpy_rank_promotion='raise' (values and "
-    "gradients match the original when promotion is allowed)",
-)
-KNOWN = {"simpo_ii": SIMPO_RANK}
-
-
 def case_params():
-    return [
-        pytest.param(case, id=case.name, marks=[KNOWN[case.name]] if case.name in KNOWN else [])
-        for case in C.CASES
-    ]
+    return [pytest.param(case, id=case.name) for case in C.CASES]
 
 
 def test_fixture_has_the_spec_lengths(fx):

@@ -78,14 +78,7 @@ def test_dpo_at_reference_is_log2_with_half_weights(batch):
     np.testing.assert_allclose(g, SIGN * cfg.alpha / 2.0 / m.shape[0] * m, atol=TOL, rtol=0)
 
 
-SIMPO_RANK = pytest.mark.xfail(
-    strict=True,
-    reason="mipo_jax/priors/policy.py:simpo adds sign [2] to [B, 2]: implicit rank promotion, "
-    "an error under tests/conftest.py's jax_numpy_rank_promotion='raise'",
-)
-
-
-@pytest.mark.parametrize("mapping", ["i", pytest.param("ii", marks=SIMPO_RANK)])
+@pytest.mark.parametrize("mapping", ["i", "ii"])
 def test_simpo_per_token_weights(batch, mapping):
     policy, _, m = batch
     config = simpo.get_config(f"mapping={mapping}")
@@ -99,7 +92,6 @@ def test_simpo_per_token_weights(batch, mapping):
     np.testing.assert_allclose(g, expected, atol=TOL, rtol=0)
 
 
-@SIMPO_RANK
 def test_simpo_ii_with_stopped_prior_has_the_wrong_gradient(batch):
     """Spec §2.4(c): with sg(ζ) the loss still matches but the per-token weight is α σ(−z), not
     (β/|y|) σ(−z): mapping (ii) is exact only with the gradient flowing through ζ."""

@@ -33,7 +33,7 @@ def simpo(inputs, cfg):
     """
     n = jnp.maximum(lengths(inputs.mask), 1.0)
     pol = _policy_seq(inputs)
-    sign = jnp.array([1.0, -1.0], pol.dtype)
+    sign = jnp.array([1.0, -1.0], pol.dtype)[None, :]
     return (1.0 - 1.0 / n) * pol + sign * cfg.prior.gamma / (2.0 * cfg.alpha)
 
 
