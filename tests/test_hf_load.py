@@ -73,17 +73,22 @@ FAMILIES = {
 }
 
 
-def tiny_torch_model(family: str, seed: int = 0) -> torch.nn.Module:
-    """A float32 transformers model with every parameter randomised (norms around 1)."""
+def randomise(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
+    """Every parameter random (norm scales around 1), so a wrong mapping cannot hide."""
     torch.manual_seed(seed)
-    model = FAMILIES[family]().eval()
     with torch.no_grad():
         for name, p in model.named_parameters():
             is_norm = "norm" in name or ".ln_" in name
             p.copy_(
                 (1.0 if is_norm and name.endswith("weight") else 0.0) + 0.1 * torch.randn_like(p)
             )
-    return model
+    return model.eval()
+
+
+def tiny_torch_model(family: str, seed: int = 0) -> torch.nn.Module:
+    """A float32 transformers model of `family` with every parameter randomised."""
+    torch.manual_seed(seed)
+    return randomise(FAMILIES[family](), seed)
 
 
 def save_tiny(family: str, folder, seed: int = 0) -> torch.nn.Module:

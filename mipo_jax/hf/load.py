@@ -31,7 +31,20 @@ class CheckpointError(UnsupportedConfigError):
 
 
 def abstract_model(cfg: ModelConfig) -> CausalLM:
-    return nnx.eval_shape(lambda: CausalLM(cfg, rngs=nnx.Rngs(0)))
+    """The model with `jax.ShapeDtypeStruct` parameters (no memory, mesh-independent).
+
+    `jax.eval_shape` rather than `nnx.eval_shape`: the latter reads logical names as mesh
+    axes when a mesh is set.
+    """
+    graphdef = None
+
+    def make():
+        nonlocal graphdef
+        graphdef, state = nnx.split(CausalLM(cfg, rngs=nnx.Rngs(0)))
+        return state
+
+    state = jax.eval_shape(make)
+    return nnx.merge(graphdef, state)
 
 
 def param_table(model: CausalLM) -> dict[str, nnx.Variable]:

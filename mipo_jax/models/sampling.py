@@ -24,6 +24,8 @@ from flax import nnx
 
 from mipo_jax.models.transformer import CausalLM, KVCache
 
+_EOS_SLOTS = 8
+
 
 class Generation(NamedTuple):
     tokens: jax.Array  # [B, N] int32
@@ -44,26 +46,28 @@ def left_pad(prompts: Sequence[Sequence[int]], pad_id: int, multiple: int = 8):
     return tokens, mask
 
 
-def filter_logits(logits: jax.Array, temperature: float, top_k: int | None, top_p: float | None):
-    """Logits with temperature applied and tokens outside top-k / top-p set to -inf."""
+def filter_logits(logits: jax.Array, temperature, top_k=None, top_p=None) -> jax.Array:
+    """``[B, V]`` logits / temperature, with tokens outside top-k, then top-p, set to -inf.
+
+    All three may be traced values (no recompilation per setting); ``top_k`` None or 0 and
+    ``top_p`` None or 1.0 switch a filter off.
+    """
+    top_k = 0 if top_k is None else top_k
+    top_p = 1.0 if top_p is None else top_p
     logits = logits.astype(jnp.float32) / temperature
-    if top_k is not None and top_k < logits.shape[-1]:
-        kth = jax.lax.top_k(logits, top_k)[0][..., -1:]
-        logits = jnp.where(logits < kth, -jnp.inf, logits)
-    if top_p is not None and top_p < 1.0:
-        order = jnp.argsort(-logits, axis=-1)
-        sorted_logits = jnp.take_along_axis(logits, order, axis=-1)
-        probs = jax.nn.softmax(sorted_logits, axis=-1)
-        mass_before = jnp.cumsum(probs, axis=-1) - probs
-        drop_sorted = mass_before >= top_p
-        drop_sorted = drop_sorted.at[..., 0].set(False)
-        drop = (
-            jnp.zeros_like(drop_sorted)
-            .at[jnp.arange(logits.shape[0])[:, None], order]
-            .set(drop_sorted)
-        )
-        logits = jnp.where(drop, -jnp.inf, logits)
-    return logits
+    vocab = logits.shape[-1]
+    sorted_desc = -jnp.sort(-logits, axis=-1)
+    k = jnp.where(top_k > 0, jnp.minimum(top_k, vocab), vocab)
+    kth = jax.lax.dynamic_index_in_dim(sorted_desc, k - 1, axis=-1, keepdims=True)
+    logits = jnp.where(logits < kth, -jnp.inf, logits)
+    order = jnp.argsort(-logits, axis=-1)
+    probs = jax.nn.softmax(jnp.take_along_axis(logits, order, axis=-1), axis=-1)
+    mass_before = jnp.cumsum(probs, axis=-1) - probs
+    drop_sorted = (mass_before >= top_p) & (top_p < 1.0)
+    drop_sorted = drop_sorted.at[..., 0].set(False)
+    rows = jnp.arange(logits.shape[0])[:, None]
+    drop = jnp.zeros_like(drop_sorted).at[rows, order].set(drop_sorted)
+    return jnp.where(drop, -jnp.inf, logits)
 
 
 def generate(
@@ -83,34 +87,39 @@ def generate(
     `eos_ids` defaults to the model config's EOS ids; a row stops after emitting one.
     """
     eos = tuple(model.config.eos_ids if eos_ids is None else eos_ids)
+    eos_arr = np.full(max(_EOS_SLOTS, len(eos)), -1, np.int32)  # -1 never matches
+    eos_arr[: len(eos)] = eos
     tokens, mask = left_pad(prompts, pad_id)
     graphdef, state = nnx.split(model)
-    settings = (max_new_tokens, float(temperature), top_k, top_p, eos, pad_id)
-    return _generate(graphdef, state, tokens, mask, jax.random.key(seed), settings)
+    knobs = (
+        jnp.float32(temperature),
+        jnp.int32(top_k or 0),
+        jnp.float32(1.0 if top_p is None else top_p),
+        eos_arr,
+    )
+    key = jax.random.key(seed)
+    return _generate(graphdef, state, tokens, mask, key, knobs, (max_new_tokens, pad_id))
 
 
-@functools.partial(jax.jit, static_argnums=(0, 5))
-def _generate(graphdef, state, tokens, mask, key, settings) -> Generation:
-    max_new, temperature, top_k, top_p, eos, pad_id = settings
+@functools.partial(jax.jit, static_argnums=(0, 6))
+def _generate(graphdef, state, tokens, mask, key, knobs, static) -> Generation:
+    (temperature, top_k, top_p, eos), (max_new, pad_id) = knobs, static
     model = nnx.merge(graphdef, state)
     batch, width = tokens.shape
     cache = KVCache.init(model.config, batch, width + max_new)
     positions = jnp.maximum(jnp.cumsum(mask, axis=1) - 1, 0)
     logits, cache = model.decode(tokens, positions, mask, cache)
     lengths = jnp.sum(mask, axis=1)
-
-    def pick(logits, key):
-        if temperature == 0.0:
-            return jnp.argmax(logits, axis=-1).astype(jnp.int32)
-        filtered = filter_logits(logits, temperature, top_k, top_p)
-        return jax.random.categorical(key, filtered, axis=-1).astype(jnp.int32)
+    sample = temperature > 0
 
     def step(carry):
         i, cache, last, done, out, key = carry
         key, sub = jax.random.split(key)
-        tok = jnp.where(done, pad_id, pick(last, sub))
+        filtered = filter_logits(last, jnp.where(sample, temperature, 1.0), top_k, top_p)
+        tok = jnp.where(sample, jax.random.categorical(sub, filtered), jnp.argmax(last, axis=-1))
+        tok = jnp.where(done, pad_id, tok).astype(jnp.int32)
         out = out.at[:, i].set(tok)
-        done = done | jnp.isin(tok, jnp.asarray(eos, jnp.int32)) if eos else done
+        done = done | jnp.isin(tok, eos)
         ones = jnp.ones((batch, 1), jnp.int32)
         logits, cache = model.decode(tok[:, None], (lengths + i)[:, None], ones, cache)
         return i + 1, cache, logits[:, -1], done, out, key
@@ -121,7 +130,6 @@ def _generate(graphdef, state, tokens, mask, key, settings) -> Generation:
     out = jnp.full((batch, max_new), pad_id, jnp.int32)
     done = jnp.zeros((batch,), bool)
     init = (jnp.zeros((), jnp.int32), cache, logits[:, -1], done, out, key)
-    _, _, _, _, out, _ = jax.lax.while_loop(running, step, init)
-    generated = jnp.sum(jnp.cumsum(jnp.isin(out, jnp.asarray(eos or (-1,))), axis=1) == 0, axis=1)
-    lengths_out = jnp.minimum(generated + 1, max_new) if eos else jnp.full((batch,), max_new)
-    return Generation(out, lengths_out.astype(jnp.int32))
+    out = jax.lax.while_loop(running, step, init)[4]
+    before_eos = jnp.sum(jnp.cumsum(jnp.isin(out, eos), axis=1) == 0, axis=1)
+    return Generation(out, jnp.minimum(before_eos + 1, max_new).astype(jnp.int32))
