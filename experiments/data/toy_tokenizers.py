@@ -1,7 +1,7 @@
 """The embedded tokenizers, built with the `tokenizers` library (each well under 1 MB).
 
 * ``toy_words``: word level, whitespace split, BOS added by the post-processor (Llama-like);
-  vocabulary = 4 special tokens + the sentiment task's 8 words.
+  vocabulary = 4 special tokens + the sentiment task's 8 words and its separator ``:``.
 * ``toy_chars``: one token per character (digits, ``+ - * =``, space), BOS added by the
   post-processor, decoded without separators.
 * ``chat_bpe``: byte-level BPE trained on the chat set, with SmolLM2-135M-Instruct's special
@@ -54,7 +54,7 @@ def _save(tok: Tokenizer, folder: Path, **special) -> None:
 def build_all(root: Path, chat_texts: list[str]) -> None:
     """Write the three tokenizers under ``root``."""
     toy = dict(bos_token="<bos>", eos_token="<eos>", pad_token="<pad>", unk_token="<unk>")
-    words = _word_level(list(sentiment.WORDS), pre_tokenizers.WhitespaceSplit())
+    words = _word_level([*sentiment.WORDS, sentiment.SEPARATOR], pre_tokenizers.WhitespaceSplit())
     _save(words, root / "toy_words", **toy)
     chars = _word_level(
         list("0123456789+-*= "), pre_tokenizers.Split(Regex("."), "isolated"), decoders.Fuse()

@@ -6,7 +6,8 @@ reference are sums over a finite set of completions rather than estimates.
 
 Words: 4 positive (``good great fun lovely``, sentiment +1) and 4 negative
 (``bad dull awful boring``, sentiment -1). A prompt is 2-4 uniformly drawn words (the
-start of a "review"). The reference policy π_ref is a Markov chain over words,
+start of a "review") and the separator ``:``, so that a model can tell where the completion
+starts. The reference policy π_ref is a Markov chain over words,
 ``M[u, v] = (STAY if class(u) == class(v) else 1 - STAY) * WITHIN[v]``, started from the
 prompt's last word, so it continues in the prompt's mood with probability ``STAY``.
 
@@ -41,6 +42,7 @@ STOP = 0.4
 MAX_WORDS = 4
 PROMPT_WORDS = (2, 3, 4)
 LENGTH_BONUS = 0.5
+SEPARATOR = ":"
 TASKS = ("controlled", "length_biased")
 
 
@@ -139,7 +141,7 @@ def generate(task: str, n: int, seed: int) -> list[dict]:
             y1, y2 = y2, y1
         rows.append(
             {
-                "prompt": text(prompt),
+                "prompt": text(prompt) + " " + SEPARATOR,
                 "chosen": " " + text(y1),
                 "rejected": " " + text(y2),
                 "ref_chosen_logps": round(ref_logprob(task, prompt, y1), 9),
@@ -152,5 +154,5 @@ def generate(task: str, n: int, seed: int) -> list[dict]:
 
 
 def parse_prompt(prompt: str) -> tuple[int, ...]:
-    """Word indices of a prompt string (for evaluation code)."""
-    return tuple(WORDS.index(w) for w in prompt.split())
+    """Word indices of a prompt string (for evaluation code); the separator is dropped."""
+    return tuple(WORDS.index(w) for w in prompt.split() if w != SEPARATOR)
