@@ -63,3 +63,19 @@ def test_bfloat16_export(tmp_path):
     want = np.asarray(model.embed.embedding[...])
     got = np.asarray(reloaded["embed.embedding"][...])
     np.testing.assert_allclose(got, want, rtol=2**-8, atol=0)
+
+
+def test_exported_model_generates_the_same_text(tmp_path):
+    """transformers' greedy generate on our export equals our greedy generate."""
+    from mipo_jax.models.sampling import generate
+    from tests.test_sampling import PROMPTS, _hf_greedy
+
+    save_tiny("llama3", tmp_path / "in", seed=4)
+    model = load_pretrained(tmp_path / "in")
+    save_pretrained(model, tmp_path / "out")
+    reloaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
+    # EOS from the exported config.json on their side, from our config on ours.
+    want = _hf_greedy(reloaded, PROMPTS, eos=None, max_new=10)
+    got = np.asarray(generate(model, PROMPTS, max_new_tokens=10).tokens)
+    np.testing.assert_array_equal(got[:, : want.shape[1]], want)
+    assert (got[:, want.shape[1] :] == 0).all()

@@ -10,7 +10,6 @@ At no point does the host hold more than one HF tensor, nor any device more than
 Any mismatch raises `CheckpointError` naming the tensor before a model is returned.
 """
 
-import math
 from pathlib import Path
 
 import jax
@@ -176,7 +175,3 @@ def _stream(source, cfg, expected, names, params, mesh, rules) -> dict[str, jax.
 
 def _zeros(shape, dtype, sharding) -> jax.Array:
     return jax.jit(jnp.zeros, static_argnums=(0, 1), out_shardings=sharding)(shape, dtype)
-
-
-def count_params(model: CausalLM) -> int:
-    return sum(math.prod(v.shape) for v in param_table(model).values())
