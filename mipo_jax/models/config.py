@@ -147,7 +147,9 @@ class ModelConfig:
         _check_unknown_keys(hf, used, model_type)
         tokens = {k: _token_id(hf.get(k), k) for k in ("bos_token_id", "pad_token_id")}
         eos = hf.get("eos_token_id")
-        tokens["eos_token_id"] = tuple(eos) if isinstance(eos, list) else _token_id(eos, "eos")
+        tokens["eos_token_id"] = (
+            tuple(eos) if isinstance(eos, list) else _token_id(eos, "eos_token_id")
+        )
         return cls(family=model_type, **fields, **tokens, **policy)
 
     def to_hf(self) -> dict[str, Any]:
