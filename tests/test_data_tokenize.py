@@ -158,3 +158,20 @@ def test_truncation_counts_over_a_dataset(words):
     assert data.report.truncated["prompt"] == int((p0 > 3).sum()) > 0  # 4- and 5-token prompts
     assert data.report.tokens_dropped["prompt"] == int((p0 - p).sum())
     assert "truncated" in data.report.summary()
+
+
+def test_chat_truncation_drops_whole_turns_first(bpe):
+    turns = next(r["prompt"] for r in chat_rows() if len(r["prompt"]) >= 3)  # two-turn
+    system = turns[:1] if turns[0]["role"] == "system" else []
+    last = system + turns[-1:]  # what remains after dropping the earlier exchange
+    row = {"prompt": turns, "chosen": CHAT_REPLY, "rejected": CHAT_WRONG}
+    want = bpe.apply_chat_template(last, add_generation_prompt=True)["input_ids"]
+    full = tokenize_records([row], bpe).prompt[0]
+    assert len(full) > len(want)
+    data = tokenize_records([row], bpe, limits=Limits(max_prompt_length=len(want)))
+    assert list(data.prompt[0]) == list(want)
+    assert data.report.tokens_dropped["prompt"] == len(full) - len(want)
+
+
+CHAT_REPLY = [{"role": "assistant", "content": "Yes."}]
+CHAT_WRONG = [{"role": "assistant", "content": "No."}]

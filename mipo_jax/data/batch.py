@@ -48,8 +48,6 @@ from __future__ import annotations
 import numpy as np
 
 LAYOUTS = ("padded", "pairs", "shared_prompt")
-ROW_KEYS = ("tokens", "segment_ids", "positions", "attend_to")
-SLOT_KEYS = ("pred_index", "targets", "mask")
 
 
 def attention_mask(batch: dict, prefix: str = ""):

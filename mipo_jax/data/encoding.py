@@ -15,8 +15,9 @@ Each row becomes ``prompt`` token ids and one token list per completion, stored 
   the newline a ChatML template writes after ``<|im_end|>``), or gets an EOS appended.
 
 Truncation never cuts a token (it works on token ids, not characters), never removes the
-BOS or the chat template's generation prompt (``<|im_start|>assistant\\n``), and never
-empties a completion (such a row is bad input instead). With ``max_completion_length`` a
+BOS or the chat template's generation prompt (``<|im_start|>assistant\\n``), drops whole
+conversation turns before cutting inside a message (`PromptCutter`), and never empties a
+completion (such a row is bad input instead). With ``max_completion_length`` a
 completion keeps its start (losing its EOS); with ``max_prompt_length`` and ``max_length``,
 ``truncation_mode="keep_end"`` (TRL's default) drops the start of the prompt body first and
 only then completion ends; ``"keep_start"`` drops completion ends.
@@ -167,41 +168,70 @@ class Encoder:
         return len(prompt_ids) - n if prompt_ids[:n] == bare_ids else 0
 
 
-def _cut_prompt(p: list[int], n: int, head: int, tail: int, keep_end: bool) -> list[int]:
-    if n < head + tail:
-        raise BadRow(
-            "prompt_too_long",
-            f"the prompt's BOS/generation-prompt tokens ({head + tail}) exceed the limit {n}",
-        )
-    body = p[head : len(p) - tail]
-    keep = n - head - tail
-    body = body[len(body) - keep :] if keep_end else body[:keep]
-    return p[:head] + body + p[len(p) - tail :]
+class PromptCutter:
+    """Shortens one prompt to ``n`` tokens, keeping its BOS and generation prompt.
+
+    A conversational prompt under ``keep_end`` first loses whole user/assistant exchanges,
+    oldest first (a leading system message stays), re-rendered by the chat template; only
+    if its last message alone is still too long is it cut token by token.
+    """
+
+    def __init__(self, enc: Encoder, record: formats.Record, prompt: list[int]):
+        self.enc, self.record, self.prompt = enc, record, prompt
+        self.head = int(enc.bos_id is not None and prompt[:1] == [enc.bos_id])
+
+    @functools.cached_property
+    def tail(self) -> int:
+        return self.enc.protected_tail(self.record, self.prompt)
+
+    @property
+    def minimum(self) -> int:
+        return self.head + self.tail
+
+    def cut(self, p: list[int], n: int, keep_end: bool) -> list[int]:
+        if len(p) <= n:
+            return p
+        if n < self.minimum:
+            raise BadRow(
+                "prompt_too_long",
+                f"the prompt's BOS/generation-prompt tokens ({self.minimum}) exceed the limit {n}",
+            )
+        if keep_end and self.record.conversational:
+            for shorter in self._fewer_turns():
+                p = shorter
+                if len(p) <= n:
+                    return p
+        head, tail, keep = self.head, self.tail, n - self.minimum
+        body = p[head : len(p) - tail]
+        body = body[len(body) - keep :] if keep_end else body[:keep]
+        return p[:head] + body + p[len(p) - tail :]
+
+    def _fewer_turns(self):
+        msgs = self.record.prompt
+        system = msgs[:1] if msgs and msgs[0]["role"] == "system" else ()
+        rest = msgs[len(system) :]
+        render = self.enc.tokenizer.apply_chat_template
+        for k in range(2, len(rest), 2):
+            text = render(list(system + rest[k:]), tokenize=False, add_generation_prompt=True)
+            yield self.enc.finish_prompt(self.enc.encode([text])[0], True)
 
 
 def truncate(
-    prompt: list[int],
-    completions: list[list[int]],
-    limits: Limits,
-    *,
-    head: int,
-    tail_fn,
+    prompt: list[int], completions: list[list[int]], limits: Limits, cutter: PromptCutter
 ) -> tuple[list[int], list[list[int]]]:
-    """Apply ``limits``; ``head``/``tail_fn()`` give the prompt's protected token counts."""
+    """Apply ``limits`` to one example (``cutter`` shortens its prompt)."""
     keep_end = limits.truncation_mode == "keep_end"
     cs = completions
     if limits.max_completion_length is not None:
         cs = [c[: limits.max_completion_length] for c in cs]
     p = prompt
-    if limits.max_prompt_length is not None and len(p) > limits.max_prompt_length:
-        p = _cut_prompt(p, limits.max_prompt_length, head, tail_fn(), keep_end)
+    if limits.max_prompt_length is not None:
+        p = cutter.cut(p, limits.max_prompt_length, keep_end)
     if limits.max_length is not None:
         longest = max(len(c) for c in cs)
         if len(p) + longest > limits.max_length:
             if keep_end:
-                tail = tail_fn()
-                budget = max(limits.max_length - longest, head + tail)
-                p = _cut_prompt(p, budget, head, tail, True) if len(p) > budget else p
+                p = cutter.cut(p, max(limits.max_length - longest, cutter.minimum), True)
             room = limits.max_length - len(p)
             if room < 1:
                 raise BadRow(
@@ -290,9 +320,7 @@ def _tokenize_chunk(batch, kind, enc: Encoder, limits: Limits, report: Report, o
         try:
             prompt = enc.finish_prompt(list(raw[0]), record.conversational)
             comps = [enc.finish_completion(list(c)) for c in raw[1:]]
-            head = int(enc.bos_id is not None and prompt[:1] == [enc.bos_id])
-            tail_fn = functools.partial(enc.protected_tail, record, prompt)
-            p, cs = truncate(prompt, comps, limits, head=head, tail_fn=tail_fn)
+            p, cs = truncate(prompt, comps, limits, PromptCutter(enc, record, prompt))
         except BadRow as e:
             bad.append((index, e))
             continue

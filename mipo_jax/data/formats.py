@@ -168,7 +168,7 @@ def normalise(row: Mapping[str, Any], kind: str) -> Record:
     """Check one raw row and turn it into a `Record` (or raise `BadRow`)."""
     first = row.get("completion" if kind == "unpaired" else "chosen")
     conv = isinstance(first, Sequence) and not isinstance(first, str | bytes)
-    field = (lambda v, f, **kw: messages(v, f, **kw)) if conv else text
+    field = messages if conv else text
     if kind == "unpaired":
         prompt = field(row.get("prompt"), "prompt", allow_empty=True)
         completions = (field(row.get("completion"), "completion"),)

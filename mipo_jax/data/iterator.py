@@ -12,7 +12,9 @@ layout): `get_state` is JSON-serialisable and `set_state` continues with exactly
 batch. Processes agree once per epoch, through ``allgather``, on the number of batches (the
 minimum: a process with more batches drops its last ones) and, for the padded layout, on
 each batch's row length (the maximum). The default ``allgather`` is
-``jax.experimental.multihost_utils.process_allgather`` when several processes run.
+``jax.experimental.multihost_utils.process_allgather`` when several processes run; so with
+several processes, construct the iterator, call ``next`` and ``steps_per_epoch`` on every
+process alike (they may run a collective).
 """
 
 from __future__ import annotations
