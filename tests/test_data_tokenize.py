@@ -175,3 +175,14 @@ def test_chat_truncation_drops_whole_turns_first(bpe):
 
 CHAT_REPLY = [{"role": "assistant", "content": "Yes."}]
 CHAT_WRONG = [{"role": "assistant", "content": "No."}]
+
+
+def test_eos_token_override(bpe):
+    data = tokenize_records(
+        [{"prompt": "Hi", "chosen": " a", "rejected": " b"}], bpe, eos_token="<|endoftext|>"
+    )
+    assert data.completions[0][0][-1] == bpe.convert_tokens_to_ids("<|endoftext|>")
+    with pytest.raises(ValueError, match="not a single token"):
+        tokenize_records(
+            [{"prompt": "Hi", "chosen": " a", "rejected": " b"}], bpe, eos_token="<|eot|>"
+        )

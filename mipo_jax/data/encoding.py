@@ -113,6 +113,8 @@ class Encoder:
         )
         if self.eos_id is None:
             raise ValueError("the tokenizer has no EOS token; pass eos_token=...")
+        if eos_token and tokenizer.convert_ids_to_tokens(self.eos_id) != eos_token:
+            raise ValueError(f"eos_token {eos_token!r} is not a single token of this tokenizer")
         self.add_bos = tokenizer_adds_bos(tokenizer) if add_bos == "auto" else bool(add_bos)
         if self.add_bos and self.bos_id is None:
             raise ValueError("add_bos=True but the tokenizer has no BOS token")
