@@ -125,7 +125,7 @@ def add_run_sections(config: mlc.ConfigDict) -> None:
         )
     )
     config.checkpoint = mlc.ConfigDict(dict(every=500, keep=3, async_save=True))
-    config.export = mlc.ConfigDict(dict(hf=True, dtype="float32"))  # final HF folder
+    config.export = mlc.ConfigDict(dict(hf=True, dtype="float32", plot=True))  # HF folder, PNG
 
 
 def make_tiny(config: mlc.ConfigDict) -> None:

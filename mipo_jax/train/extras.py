@@ -37,6 +37,9 @@ def prior_logps(prior, y: jax.Array, mask: jax.Array, bos_id: int, chunk_size: i
 
     The completion is fed as ``[bos, y_0, ..., y_{C-2}]`` so position t predicts y_t.
     """
-    inp = jnp.concatenate([jnp.full(y.shape[:-1] + (1,), bos_id, y.dtype), y[..., :-1]], -1)
+    shape = y.shape
+    y = y.reshape(-1, shape[-1])
+    inp = jnp.concatenate([jnp.full((y.shape[0], 1), bos_id, y.dtype), y[:, :-1]], -1)
     h = prior.hidden(inp)
-    return chunked_token_logps(h, prior.unembed_weight(), y, chunk_size=chunk_size) * mask
+    lp = chunked_token_logps(h, prior.unembed_weight(), y, chunk_size=chunk_size)
+    return lp.reshape(shape) * mask

@@ -71,8 +71,11 @@ class Run:
 
 
 def _mesh(config):
-    m = config.mesh
-    return make_mesh((m.data, m.fsdp, m.tensor))
+    """The configured mesh; fixed sizes using fewer devices than exist take the first ones."""
+    sizes = (config.mesh.data, config.mesh.fsdp, config.mesh.tensor)
+    n = math.prod(sizes)
+    devices = jax.devices() if -1 in sizes or n >= jax.device_count() else jax.devices()[:n]
+    return make_mesh(sizes, devices=devices)
 
 
 def _cache_dir(config) -> str:
@@ -132,12 +135,12 @@ def build(config, workdir: str) -> Run:
     p_sh = {"policy": policy.shardings, **{k: v[2] for k, v in extras.items()}}
     if aux:
         reference = None  # the step reads the moving reference from the state
-    state = jax.jit(
-        lambda p, a: st.init_state(p, tx, config.seed, a),
-        out_shardings=None,
-    )(params, aux)
-    shardings = st.state_shardings(state, tx, p_sh, mesh, aux_sh)
-    state = jax.device_put(state, shardings)
+    abstract = jax.eval_shape(lambda p, a: st.init_state(p, tx, config.seed, a), params, aux)
+    shardings = st.state_shardings(abstract, tx, p_sh, mesh, aux_sh)
+    init = lambda p, a: st.init_state(p, tx, config.seed, a)
+    if mesh.size > 1:
+        init = jax.jit(init, out_shardings=shardings)
+    state = jax.device_put(init(params, aux), shardings)
     run = Run(
         config=config,
         workdir=workdir,
@@ -240,7 +243,8 @@ def evaluate(run: Run, eval_fn, state) -> dict[str, float]:
         total = None
         ref = state.aux.get("reference", run.reference)
         for _ in range(int(run.config.train.eval_batches)):
-            m = eval_fn(state.params, to_device(next(run.eval_data), run.batch_sharding), ref)
+            batch = rounds.prepare(run, next(run.eval_data), -1)
+            m = eval_fn(state.params, to_device(batch, run.batch_sharding), ref)
             total = m if total is None else {k: total[k] + m[k] for k in m}
         out.update(_values(total))
     if run.task is not None:
@@ -372,7 +376,9 @@ def _finish(run: Run, first_eval, final, seconds) -> dict:
             tokenizer=run.tokenizer,
             dtype=cfg.export.dtype,
         )
-    png = plot(os.path.join(workdir, "metrics.jsonl"), os.path.join(workdir, "curves.png"))
+    png = None
+    if cfg.export.plot:
+        png = plot(os.path.join(workdir, "metrics.jsonl"), os.path.join(workdir, "curves.png"))
     summary = {
         "algorithm": cfg.algorithm,
         "steps": run.num_steps,

@@ -63,7 +63,12 @@ def next_batch(run, step: int) -> dict:
         batch = next(run.round_data)
     else:
         batch = next(run.train_data)
-    if "prior_model" in cfg and cfg.loss.mi_weight:
+    return prepare(run, batch, step)
+
+
+def prepare(run, batch: dict, step: int) -> dict:
+    """Per-batch inputs computed on the host: policy samples (MI term), TIS-DPO weights."""
+    if "prior_model" in run.config and run.config.loss.mi_weight:
         batch = add_policy_samples(run, batch, step)
     if run.weighter is not None:
         batch = run.weighter(batch)
@@ -231,8 +236,16 @@ def build_round(run, r: int, prior_new, prior_old) -> Tokenized:
         for j in keep[:replay]:
             chosen[j] = d.completions[0][int(idx[j])].tolist()
             rejected[j] = d.completions[1][int(idx[j])].tolist()
-    if len(keep) < cfg.batch_size:
-        raise ValueError(f"round {r}: only {len(keep)} distinct pairs; raise the sample count")
+    missing = [j for j in range(n) if j not in set(keep)]
+    want = max(n // 2, int(cfg.batch_size))
+    if len(keep) < want:  # samples collapsed (a peaked model): replay offline pairs instead
+        log.warning("round %d: %d of %d sampled pairs are distinct; filling with dataset pairs",
+                    r, len(keep), n)  # fmt: skip
+        for j in missing[: want - len(keep)]:
+            chosen[j] = d.completions[0][int(idx[j])].tolist()
+            rejected[j] = d.completions[1][int(idx[j])].tolist()
+            keep.append(j)
+    keep = sorted(keep)
     pick = lambda xs: [xs[j] for j in keep]
     return _tokenized(pick(prompts), [pick(chosen), pick(rejected)], d.pad_id)
 

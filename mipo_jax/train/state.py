@@ -77,7 +77,9 @@ def create_params(make: Callable[[], nnx.Module], mesh) -> tuple[Any, dict, dict
     def build():
         return nnx.to_pure_dict(nnx.split(make())[1])
 
-    with jax.set_mesh(mesh):
+    if mesh.size == 1:  # eager: no compilation (small models, tests, single device)
+        return graphdef, jax.device_put(build(), shardings), shardings
+    with jax.set_mesh(mesh):  # straight into the sharded layout, never whole on one device
         params = jax.jit(build, out_shardings=shardings)()
     return graphdef, params, shardings
 

@@ -35,7 +35,7 @@ class MetricWriter:
                 self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
 
     def write(self, step: int, values: dict[str, float], split: str = "train") -> None:
-        if not self.enabled:
+        if not self.enabled or not values:
             return
         prefix = "" if split == "train" else f"{split}/"
         row = {"step": int(step), "split": split, "time": round(time.time(), 3)}
