@@ -26,6 +26,7 @@ class Scores:
     logratio: Float[Array, "B 2"]  # g(policy − prior)
     rewards: Float[Array, "B 2"]  # alpha · logratio
     margin: Float[Array, ""]  # subtracted from z (SimPO γ)
+    valid: Float[Array, " B"]  # 1 for pairs that count; batch-coupled links sort only these
 
     @property
     def z(self) -> Float[Array, " B"]:
@@ -119,21 +120,35 @@ def discopop(s, cfg):
     return (1.0 - mod) * -log_sigmoid(z) + jnp.exp(-z + log_sigmoid(z / tau))
 
 
-def _sorted_delta_loss(delta, cfg):
-    return _smoothed_logistic(cfg.alpha * delta, cfg.label_smoothing)
+def _sorted_delta_loss(a, b, s, cfg):
+    """Logistic of alpha·(sort(a) − sort(b)) over the valid pairs only.
+
+    Invalid (padding or empty) pairs are pushed past the end of both sorts, so the k-th
+    smallest valid entries are paired; the loss at sorted position k is then assigned to the
+    k-th valid pair, so summing over valid pairs sums over exactly the valid positions.
+    """
+    valid = s.valid > 0
+    big = jnp.finfo(a.dtype).max
+    a = jnp.sort(jnp.where(valid, a, big))
+    b = jnp.sort(jnp.where(valid, b, big))
+    in_range = jnp.arange(a.shape[0]) < jnp.sum(valid)
+    delta = jnp.where(in_range, a - b, 0.0)
+    per_position = _smoothed_logistic(cfg.alpha * delta, cfg.label_smoothing)
+    rank = jnp.maximum(jnp.cumsum(valid) - 1, 0)
+    return jnp.where(valid, per_position[rank], 0.0)
 
 
 @LINKS.register("aot", label_smoothing=0.0)
 def aot(s, cfg):
     """AOT paired (Melnyk et al. 2024): sort (S^π_w − S^π_l) and (log ζ_w − log ζ_l) over the
-    batch separately, subtract, then a (smoothed) logistic of alpha·Δ. Couples the batch:
-    padding pairs take part in the sort, so batches should be full."""
-    pol = jnp.sort(s.policy[:, 0] - s.policy[:, 1])
-    ref = jnp.sort(s.prior[:, 0] - s.prior[:, 1])
-    return _sorted_delta_loss(pol - ref, cfg)
+    batch's valid pairs separately, subtract, then a (smoothed) logistic of alpha·Δ. Couples
+    the batch, so it is not exact under gradient accumulation."""
+    return _sorted_delta_loss(
+        s.policy[:, 0] - s.policy[:, 1], s.prior[:, 0] - s.prior[:, 1], s, cfg
+    )
 
 
 @LINKS.register("aot_unpaired", label_smoothing=0.0)
 def aot_unpaired(s, cfg):
     """AOT unpaired (TRL v0.19 ``aot_pair``): sort ρ_w and ρ_l separately, subtract."""
-    return _sorted_delta_loss(jnp.sort(s.logratio[:, 0]) - jnp.sort(s.logratio[:, 1]), cfg)
+    return _sorted_delta_loss(s.logratio[:, 0], s.logratio[:, 1], s, cfg)

@@ -47,7 +47,7 @@ def pair_validity(inputs: TokenInputs) -> tuple[jax.Array, jax.Array]:
     return given * nonempty, given * (1.0 - nonempty)
 
 
-def scores(inputs: TokenInputs, cfg) -> Scores:
+def scores(inputs: TokenInputs, cfg, valid=None) -> Scores:
     """Per-pair policy, prior, log-ratio and reward scores for the configured prior."""
     log_zeta = PRIORS.get(cfg.prior.name).fn(inputs, cfg)
     pol = seq_sum(inputs.policy, inputs.mask)
@@ -56,7 +56,8 @@ def scores(inputs: TokenInputs, cfg) -> Scores:
         pol, log_zeta = pol / n, log_zeta / n
     g = FDIVS.get(cfg.f_divergence).fn(pol - log_zeta, cfg)
     margin = jnp.asarray(cfg.margin, pol.dtype)
-    return Scores(policy=pol, prior=log_zeta, logratio=g, rewards=cfg.alpha * g, margin=margin)
+    valid = jnp.ones(pol.shape[:1], pol.dtype) if valid is None else valid
+    return Scores(pol, log_zeta, g, cfg.alpha * g, margin, valid)
 
 
 def _wpo_weights(inputs: TokenInputs) -> jax.Array:
@@ -85,7 +86,7 @@ def mipo_loss(
     _check_shapes(inputs)
     inputs = inputs.astype(compute_dtype(inputs.policy))
     valid, empty = pair_validity(inputs)
-    s = scores(inputs, cfg)
+    s = scores(inputs, cfg, valid)
     pair_w = valid * (_wpo_weights(inputs) if cfg.weighting == "wpo" else 1.0)
 
     norm = dict(normalizers or {})
@@ -109,11 +110,18 @@ def mipo_loss(
         metrics["loss/l1_mask"] = l1
     if cfg.mi_weight:
         mi = terms.mutual_information(inputs)
-        loss += cfg.mi_weight * mi.total / jnp.maximum(norm.get("samples", mi.count), 1.0)
+        # Sample weights may sum to less than one (exact enumeration), so no clamp at 1.
+        loss += cfg.mi_weight * mi.total / jnp.maximum(norm.get("samples", mi.count), 1e-30)
         metrics["loss/mi"] = mi
 
-    share = jnp.sum(valid) / jnp.maximum(pairs, 1.0) if normalizers else jnp.ones(())
-    metrics["loss"] = Metric(loss, share.astype(loss.dtype))
+    # "loss" merges exactly across micro-batches given global normalizers (count = this
+    # batch's share, summing to 1); without them it is a pair-weighted mean, exact when all
+    # terms are pair means (token-mean SFT and the MI term need normalizers to merge exactly).
+    if normalizers:
+        share = jnp.sum(valid) / jnp.maximum(pairs, 1.0)
+        metrics["loss"] = Metric(loss, share.astype(loss.dtype))
+    else:
+        metrics["loss"] = Metric(loss * jnp.sum(valid), jnp.sum(valid))
     metrics.update(_pair_metrics(inputs, s, valid, empty))
     return loss, metrics
 

@@ -4,6 +4,7 @@ Each returns a :class:`~mipo_jax.metrics.Metric` (a sum and its natural denomina
 the trainer can divide by a global denominator under gradient accumulation.
 """
 
+import jax
 import jax.numpy as jnp
 
 from mipo_jax.metrics import Metric
@@ -44,5 +45,8 @@ def mutual_information(inputs: TokenInputs) -> Metric:
     inputs.require("prior_samples", "prior_samples_mask", who="term 'mi'")
     seq = jnp.sum(inputs.prior_samples * inputs.prior_samples_mask, axis=-1)
     w = inputs.prior_samples_weight
-    w = jnp.ones_like(seq) if w is None else w.astype(seq.dtype)
+    # The weights are sampling weights, constants of the ζ-step: were they differentiated
+    # (e.g. w = p_π from an enumeration), the π-gradient would reward piling p_π onto
+    # high-ζ responses and joint descent collapses to a one-hot ζ.
+    w = jnp.ones_like(seq) if w is None else jax.lax.stop_gradient(w.astype(seq.dtype))
     return Metric(-jnp.sum(w * seq), jnp.sum(w))
