@@ -59,10 +59,18 @@ def _close(actual, desired, rtol, atol):
         np.testing.assert_allclose(np.asarray(a), np.asarray(d), rtol=rtol, atol=atol)
 
 
-@pytest.mark.parametrize("fn", [_chunked, _single], ids=["fused", "single"])
 @pytest.mark.parametrize(
-    "lead,t,chunk",
-    [((2,), 37, 8), ((2,), 32, 8), ((), 37, 5), ((2, 2), 11, 4), ((3,), 7, 64), ((1,), 5, 1)],
+    "fn,lead,t,chunk",
+    [
+        (_chunked, (2,), 37, 8),  # T not a multiple of the chunk
+        (_chunked, (2,), 32, 8),
+        (_chunked, (), 37, 5),  # no batch axis: h is [N, D]
+        (_chunked, (2, 2), 11, 4),  # [B, 2, T, D], the pair axis
+        (_chunked, (3,), 7, 64),  # chunk longer than T
+        (_chunked, (1,), 5, 1),
+        (_single, (2,), 37, 8),
+    ],
+    ids=["uneven", "even", "flat", "pairs", "chunk>T", "chunk=1", "wrappers"],
 )
 def test_values_and_grads_f32(fn, lead, t, chunk):
     h, w, ref_h, ref_w, y, cts = _problem(lead, t)
@@ -162,3 +170,18 @@ def test_bad_arguments_are_rejected():
         L.chunked_token_stats(h, w, y, chunk_size=0)
     with pytest.raises(ValueError, match="reference shapes"):
         L.chunked_token_stats(h, w, y, ref_h=ref_h[:1], ref_w=ref_w)
+
+
+def test_reference_may_have_another_width():
+    """KL needs only the same vocabulary: the reference's D may differ from the policy's."""
+    h, w, _, _, y, cts = _problem((2,), 13, d=16)
+    _, _, ref_h, ref_w, _, _ = _problem((2,), 13, d=8, seed=1)
+    want = L.token_kl(ref_h @ ref_w, h @ w)
+    got = L.chunked_token_kl(ref_h, ref_w, h, w, chunk_size=4)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+    f = lambda kl: lambda h, w: jnp.sum(cts[0] * kl(h, w))
+    g_want = jax.grad(f(lambda h, w: L.token_kl(ref_h @ ref_w, h @ w)), (0, 1))(h, w)
+    g_got = jax.grad(f(lambda h, w: L.chunked_token_kl(ref_h, ref_w, h, w, chunk_size=4)), (0, 1))(
+        h, w
+    )
+    _close(g_got, g_want, 1e-5, 1e-5)
