@@ -17,6 +17,7 @@ Run from the repository root (the numbers in experiments/bench/README.md):
 
     .venv/bin/python -m experiments.bench.logps_memory --seq 8192 --chunks 512 1024
     .venv/bin/python -m experiments.bench.logps_memory --find-max-seq   # compile-only sweep
+    .venv/bin/python -m experiments.bench.logps_memory --seq 4096 --interleave  # fair timing
 """
 
 import argparse
@@ -53,6 +54,11 @@ def _parse(argv=None):
         help="print naive's compiled peak for a range of T (no run) and exit",
     )
     p.add_argument("--budget-gib", type=float, default=22.0, help="memory naive may use")
+    p.add_argument(
+        "--interleave",
+        action="store_true",
+        help="time only: one process, variants' calls alternated (fair under shared cores)",
+    )
     p.add_argument("--json", help="also write the table's rows to this JSON file")
     p.add_argument("--child", help=argparse.SUPPRESS)
     p.add_argument("--out-dir", help=argparse.SUPPRESS)
@@ -214,6 +220,31 @@ def _find_max_seq(args) -> None:
             break
 
 
+def _interleaved(args, variants: list[str]) -> None:
+    """Wall and CPU time with the variants' calls alternated in one process (no memory)."""
+    import jax
+
+    h, w, y = _inputs(args)
+    fns = {v: jax.jit(_job(v)).lower(h, w, y).compile() for v in variants}
+    wall = {v: [] for v in variants}
+    cpu = {v: [] for v in variants}
+    for i in range(args.warmup + args.repeats):
+        for v in variants:
+            t0, c0 = time.perf_counter(), time.process_time()
+            jax.block_until_ready(fns[v](h, w, y))
+            if i >= args.warmup:
+                wall[v].append(time.perf_counter() - t0)
+                cpu[v].append(time.process_time() - c0)
+        print(f"  round {i}: load {os.getloadavg()[0]:.1f}", flush=True)
+    base = variants[0]
+    print(f"\n| {'variant':<13} | median s | min s | time × | CPU s | CPU × |")
+    print("|---------------|----------|-------|--------|-------|-------|")
+    for v in variants:
+        mw, mc = statistics.median(wall[v]), statistics.median(cpu[v])
+        tw, tc = mw / statistics.median(wall[base]), mc / statistics.median(cpu[base])
+        print(f"| {v:<13} | {mw:8.2f} | {min(wall[v]):5.1f} | {tw:6.2f} | {mc:5.1f} | {tc:5.2f} |")
+
+
 def _table(rows: list[dict]) -> str:
     head = (
         f"| {'variant':<13} | {'XLA peak GiB':>12} | {'peak RSS GiB':>12} | {'mem ÷':>6} "
@@ -253,6 +284,9 @@ def main(argv=None) -> None:
     variants += [f"remat-{c}" for c in args.remat]
     b, t, d, v = args.batch, args.seq, args.width, args.vocab
     print(f"B={b} T={t} D={d} V={v} {args.dtype}; value_and_grad of sum(logps) w.r.t. h, w")
+    if args.interleave:
+        print(f"{args.repeats} rounds after {args.warmup} warm-up round(s), calls alternated")
+        return _interleaved(args, variants)
     print(f"{args.repeats} timed calls after {args.warmup} warm-up(s); a fresh process per variant")
     print(f"load average before: {os.getloadavg()}\n", flush=True)
     rows = []
