@@ -191,3 +191,35 @@ def test_rmsprop_matches_torch_defaults():
     # torch: v = 0.01 g², p -= lr · g / (sqrt(v) + eps)  ->  step of lr / 0.1 = 1.0 in size
     expected = -0.1 * g["w"] / (np.sqrt(0.01) * np.abs(g["w"]))
     np.testing.assert_allclose(updates["w"], expected, rtol=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["pairs", "shared_prompt"])
+def test_packed_layouts_give_the_padded_metrics(kind):
+    from mipo_jax.data.embedded import load_tokenizer
+    from mipo_jax.data.encoding import tokenize_records
+    from mipo_jax.data.iterator import PreferenceIterator
+    from mipo_jax.data.packing import Layout
+    from mipo_jax.data.tasks import sentiment
+
+    records = sentiment.generate("controlled", 12, seed=3)
+    tok = load_tokenizer("toy_words")
+    data = tokenize_records(records, tok)
+    cfg = TINY.__class__(**{**TINY.__dict__, "vocab_size": max(len(tok), 16)})
+    mesh = one_device_mesh()
+    make = lambda s: lambda: CausalLM(cfg, rngs=nnx.Rngs(s))
+    graph, policy, _ = st.create_params(make(0), mesh)
+    _, ref, _ = st.create_params(make(1), mesh)
+    spec = make_spec(graph, frozen(loss_config("reference")))
+    it = PreferenceIterator(
+        data, Layout(kind=kind, rows=2, row_length=48), seed=0, process_index=0, process_count=1
+    )
+    packed = next(it)
+    ids = packed.pop("example_id")
+    packed.pop("ref_logps", None)
+    rows = [int(np.nonzero(data.example_id == e)[0][0]) for e in ids.ravel() if e >= 0]
+    padded = layout.padded_examples(data, rows, max_length=24, max_completion=8)
+    ev = jax.jit(functools.partial(sp.eval_step, spec=spec))
+    a, b = ev({"policy": policy}, packed, ref), ev({"policy": policy}, padded, ref)
+    assert float(a["rewards/accuracies"].count) == len(rows) > 2
+    for k in a:
+        np.testing.assert_allclose(a[k].value, b[k].value, rtol=1e-5, atol=1e-5, err_msg=k)
