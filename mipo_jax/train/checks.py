@@ -24,7 +24,7 @@ def _check(cond: bool, key: str, value, rule: str) -> None:
 
 
 def validate(config) -> None:
-    """Raise ``ValueError`` naming the first bad key."""
+    """Raise ``ValueError`` naming the first bad key. Does not touch JAX's backend."""
     _choice("objective", config.objective, OBJECTIVES)
     if config.objective == "paired":
         validate_loss(config.loss)
@@ -91,4 +91,13 @@ def _check_algorithm_state(config) -> None:
             "ref_sync.sync_steps",
             config.ref_sync.sync_steps,
             ">= 1",
+        )
+
+
+def validate_runtime(config, process_count: int) -> None:
+    """Checks that need the (initialised) runtime."""
+    if ("rounds" in config or "prior_model" in config) and process_count > 1:
+        raise ValueError(
+            f"{config.algorithm} samples from the policy on the host, which this trainer does in "
+            "single-process runs only (one process may still drive many devices)"
         )

@@ -93,6 +93,7 @@ def _needs_reference(config, fields) -> bool:
 def build(config, workdir: str) -> Run:
     """Everything up to the first step (resume included)."""
     checks.validate(config)
+    checks.validate_runtime(config, jax.process_count())
     os.makedirs(workdir, exist_ok=True)
     mesh = _mesh(config)
     batch_sharding = NamedSharding(mesh, PartitionSpec(("data", "fsdp")))
@@ -159,9 +160,16 @@ def build(config, workdir: str) -> Run:
     )
     if "token_weights" in fields:
         run.weighter = TokenWeighter(config, mesh, batch_sharding)
-    if config.train.task_eval_prompts and config.data.source in task_eval.TASKS:
+    exact = config.train.task_eval_prompts and config.data.source in task_eval.TASKS
+    if exact and jax.process_count() > 1:
+        log.warning("exact task evaluation runs in single-process runs only; skipped")
+    elif exact:
         run.task = task_eval.TaskEval(config.data.source, tokenizer, config.train.task_eval_prompts)
     return run
+
+
+def _host_only(batch: dict) -> dict:
+    return {k: v for k, v in batch.items() if k != "example_id"}
 
 
 def _count(params) -> str:
@@ -194,7 +202,16 @@ def _attach_caches(config, policy, train_data, eval_data, batch_sharding, mesh):
     from mipo_jax.train.step import token_logps
 
     fn = jax.jit(functools.partial(token_logps, spec=spec))
-    score = lambda b: fn(policy.params, to_device(b, batch_sharding))
+    if jax.process_count() == 1:
+        score = lambda b: fn(policy.params, to_device(b, batch_sharding))
+    else:  # each process scores its own shard on one local device: no collectives
+        from jax.experimental import multihost_utils
+
+        device = jax.local_devices()[0]
+        params = jax.device_put(
+            multihost_utils.process_allgather(policy.params, tiled=True), device
+        )
+        score = lambda b: fn(params, jax.device_put(_host_only(b), device))
     w = weights_hash(policy.params, repr(policy.config))
     for data in (train_data, eval_data):
         if data is None:
