@@ -256,6 +256,11 @@ def peak_rss(args, mode: str) -> float:
     """Peak RSS (GiB) of a fresh process that compiles and runs one step of ``mode``."""
     graph, params, n = model(args)
     build_mode(args, mode, params, graph, n)
+    # VmHWM, not ru_maxrss: Linux carries ru_maxrss over exec (the forking parent's size).
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024 / GIB
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / GIB
 
 
