@@ -31,6 +31,10 @@ def _fmt(x, spec=".3f"):
     return "n/a" if x is None else format(x, spec)
 
 
+def _tied(metrics: dict) -> bool:
+    return abs(metrics.get("rewards/margins", 1.0)) < 1e-6
+
+
 def report(summary: dict, baselines: dict | None) -> str:
     before, after = summary["eval_before"] or {}, summary["eval_after"] or {}
     lines = [
@@ -45,13 +49,15 @@ def report(summary: dict, baselines: dict | None) -> str:
     if baselines:
         lines.append(
             f"   (task's π_ref {_fmt(baselines['task_ref_reward'])}; KL-regularised optimum at "
-            f"β={baselines['beta']:g}: {_fmt(baselines['optimum_reward'])})"
+            f"β={baselines['beta']:g}: {_fmt(baselines['optimum_reward'])}, "
+            f"KL {_fmt(baselines['optimum_kl'], '.3f')} to the task's π_ref)"
         )
     lines += [
         f"KL(π ‖ π_ref), exact      before {_fmt(before.get('true/kl_ref'), '.4f')}   "
         f"after {_fmt(after.get('true/kl_ref'), '.4f')}",
         f"held-out pref. accuracy  before {_fmt(before.get('rewards/accuracies'))}   "
-        f"after {_fmt(after.get('rewards/accuracies'))}",
+        f"after {_fmt(after.get('rewards/accuracies'))}"
+        + ("   (before: policy = reference, every reward ties at 0)" if _tied(before) else ""),
         f"held-out loss            before {_fmt(before.get('loss'), '.4f')}   "
         f"after {_fmt(after.get('loss'), '.4f')}",
         "-" * 72,
