@@ -170,6 +170,10 @@ def test_bad_arguments_are_rejected():
         L.chunked_token_stats(h, w, y, chunk_size=0)
     with pytest.raises(ValueError, match="reference shapes"):
         L.chunked_token_stats(h, w, y, ref_h=ref_h[:1], ref_w=ref_w)
+    with pytest.raises(ValueError, match="reference shapes"):
+        L.chunked_token_stats(h, w, y, ref_h=ref_h[..., :3], ref_w=ref_w)
+    with pytest.raises(ValueError, match="targets"):
+        L.chunked_token_stats(h, w, y[:, :2])
 
 
 def test_reference_may_have_another_width():

@@ -1,11 +1,20 @@
 # ruff: noqa: F722  (jaxtyping shape strings are not forward references)
 """Per-token quantities from logits: log-probs of targets, entropy, KL, log Σπ².
 
-These are the "naive" forms over full ``[..., T, V]`` logits, in float32 (or float64
+``token_*`` are the "naive" forms over full ``[..., T, V]`` logits, in float32 (or float64
 under x64) whatever the logits' dtype. They are the ground truth that the chunked,
 memory-lean paths must reproduce.
 
-Shape legend: B pairs, T tokens, V vocabulary.
+``chunked_token_*`` compute the same from final hidden states ``h`` and the unembedding
+``w`` without ever holding ``[..., T, V]`` logits (levanter's blockwise cross-entropy and
+MaxText's vocabulary tiling do the same for a scalar loss). The token axis is cut into
+chunks of C; a chunk's logits ``[..., C, V]`` exist only inside one ``lax.scan`` step of
+the forward and again (recomputed) in the backward, so peak memory is
+O(prod(batch) · C · V) plus ``w`` and its gradient. The gradient w.r.t. the logits is
+written by hand (``jax.custom_vjp``), so nothing per chunk is kept between the passes but
+per-token scalars (log-normalisers, entropy, log Σπ²).
+
+Shape legend: B pairs, T tokens, D model width, V vocabulary, C tokens per chunk.
 """
 
 import functools
@@ -47,16 +56,6 @@ def token_logsumsq(logits: Float[Array, "... T V"]) -> Float[Array, "... T"]:
     """log Σ_v π(v|y_<t)² per position (WPO's weight, spec §2.25)."""
     logp = jax.nn.log_softmax(_f32(logits), axis=-1)
     return jax.nn.logsumexp(2.0 * logp, axis=-1)
-
-
-# --------------------------------------------------------------------------------------
-# Memory-lean paths: the same quantities from final hidden states h and unembedding w,
-# never holding [..., T, V] logits. The token axis is cut into chunks; each chunk's logits
-# [..., C, V] live only inside one scan step, in the forward and again (recomputed) in the
-# backward, so peak memory is O(prod(batch) x C x V) plus w and its gradient. The gradient
-# w.r.t. the logits is written by hand (custom_vjp), so nothing per-chunk is stored between
-# the passes except per-token scalars (log-normalisers, entropy, log Σπ²).
-# --------------------------------------------------------------------------------------
 
 
 class TokenStats(NamedTuple):
@@ -113,8 +112,14 @@ def chunked_token_stats(
         raise ValueError("chunked_token_stats: nothing asked for")
     if targets is None:
         targets = jnp.zeros(h.shape[:-1], jnp.int32)
+    elif targets.shape != h.shape[:-1]:
+        raise ValueError(f"chunked_token_stats: targets {targets.shape} vs h {h.shape}")
     if ref_h is not None:
-        if ref_h.shape[:-1] != h.shape[:-1] or ref_w.shape[1] != w.shape[1]:
+        if (
+            ref_h.shape[:-1] != h.shape[:-1]
+            or ref_w.shape[1] != w.shape[1]
+            or ref_h.shape[-1] != ref_w.shape[0]
+        ):
             raise ValueError("chunked_token_stats: reference shapes do not match the policy's")
         ref_h, ref_w = jax.lax.stop_gradient(ref_h), jax.lax.stop_gradient(ref_w)
     outs = _chunked_stats(want, min(chunk_size, h.shape[-2]), h, w, targets, ref_h, ref_w)
