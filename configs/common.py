@@ -98,6 +98,8 @@ def add_run_sections(config: mlc.ConfigDict) -> None:
         )
     )
     config.data = data_config(max_length=512)  # see mipo_jax.data.pipeline.data_config
+    # fixed row length T (= max_length unless set): one compiled step shape for the whole run
+    config.data.row_length = config.data.get_ref("max_length")
     config.data.groups = 1  # packed layouts: packed groups (rows x row_length) per step/process
     config.mesh = mlc.ConfigDict(dict(data=-1, fsdp=1, tensor=1))  # -1: the remaining devices
     config.reference = mlc.ConfigDict(

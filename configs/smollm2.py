@@ -25,7 +25,13 @@ def get_config(arg=None):
         "smollm2", loss, arg, optimizer="adamw", learning_rate=5e-6, warmup_steps=1, batch_size=4
     )
     config.data.update(
-        dict(source="embedded:chat", tokenizer="smollm2", max_length=256, completion_width=32)
+        dict(
+            source="embedded:chat",
+            tokenizer="smollm2",
+            max_length=256,
+            max_completion_length=48,
+            completion_width=48,
+        )
     )
     if arg.tiny:
         config.data.tokenizer = "chat_bpe"

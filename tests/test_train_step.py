@@ -1,11 +1,13 @@
 """The train step on a tiny model: accumulation, NaN guard, sharding, inputs, schedule."""
 
+import dataclasses
 import functools
 
 import jax
 import jax.numpy as jnp
 import ml_collections as mlc
 import numpy as np
+import optax
 import pytest
 from flax import nnx
 
@@ -128,7 +130,9 @@ def test_sharded_step_equals_unsharded():
     for sizes, devices in (((1, 1, 1), jax.devices()[:1]), ((2, 2, 2), jax.devices()[:8])):
         mesh = make_mesh(sizes, devices=devices)
         graph, policy, ref, shardings = models(mesh)
-        spec = make_spec(graph, loss)
+        # plain SGD: the update is linear in the gradient (Adam's first step is ±lr·sign(g),
+        # which turns float noise on near-zero gradients into whole-step differences)
+        spec = dataclasses.replace(make_spec(graph, loss), tx=optax.sgd(1.0))
         state = st.init_state({"policy": policy}, spec.tx, 0)
         s_sh = st.state_shardings(state, spec.tx, {"policy": shardings}, mesh)
         b_sh = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(("data", "fsdp")))
@@ -147,8 +151,7 @@ def test_sharded_step_equals_unsharded():
         outs.append((jax.device_get(new.params), {k: float(v.value) for k, v in metrics.items()}))
     (p1, m1), (p8, m8) = outs
     for a, b in zip(jax.tree.leaves(p1), jax.tree.leaves(p8), strict=True):
-        # Adam's first step moves every weight by ±lr·g/|g|: compare within 2 % of lr = 1e-3
-        np.testing.assert_allclose(a, b, rtol=0, atol=2e-5)
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
     for k in m1:
         np.testing.assert_allclose(m1[k], m8[k], rtol=1e-5, atol=1e-6, err_msg=k)
 

@@ -305,11 +305,11 @@ def train(config, workdir: str) -> dict:
         log.info("resumed from %s at step %d", restored.path, start)
     writer = MetricWriter(workdir)
     first_eval = None
-    if start == 0 and (cfg.train.eval_every or run.task is not None):
+    if start == 0 and (cfg.train.eval_batches > 0 or run.task is not None):
         first_eval = evaluate(run, eval_fn, run.state)
         writer.write(0, first_eval, "eval")
     bar = _progress(cfg, start, run.num_steps)
-    pending, last, step = None, time.time(), start
+    pending, step, clock = None, start, _Throughput()
     stopped = None
     with ckpt, PreemptionGuard() as guard:
         for step in range(start, run.num_steps):
@@ -317,7 +317,7 @@ def train(config, workdir: str) -> dict:
             batch = to_device(host_batch, run.batch_sharding)
             run.state, metrics = step_fn(run.state, batch, run.reference)
             if pending is not None:
-                last = _report(run, writer, bar, pending, last)
+                _report(run, writer, bar, pending, clock)
             pending = (step + 1, metrics, int(np.sum(np.asarray(host_batch["segment_ids"]) > 0)))
             rounds.after_step(run, step + 1)
             periodic = cfg.train.eval_every and (step + 1) % cfg.train.eval_every == 0
@@ -329,7 +329,7 @@ def train(config, workdir: str) -> dict:
                 stopped = "preempted"
                 break
         if pending is not None:
-            _report(run, writer, bar, pending, last)
+            _report(run, writer, bar, pending, clock)
         ckpt.save(step + 1 if run.num_steps > start else start, run.state,
                   data_iter=rounds.data_state(run), force=True, wait=True)  # fmt: skip
     if bar is not None:
@@ -355,20 +355,39 @@ def _progress(cfg, start, total):
     )
 
 
-def _report(run: Run, writer, bar, pending, last):
+class _Throughput:
+    """Running steps/s and tokens/s since the first fetched step (compilation excluded).
+
+    Averaging from the first fetch is right whether dispatch is asynchronous (a fetch ends
+    step t) or effectively synchronous, as on CPU (a fetch comes after step t + 1 ran).
+    """
+
+    def __init__(self):
+        self.t0, self.steps, self.tokens = None, 0, 0
+
+    def update(self, tokens: int) -> dict[str, float]:
+        now = time.time()
+        if self.t0 is None:
+            self.t0 = now
+            return {}
+        self.steps, self.tokens = self.steps + 1, self.tokens + tokens
+        dt = max(now - self.t0, 1e-9)
+        return {"steps_per_sec": self.steps / dt, "tokens_per_sec": self.tokens / dt}
+
+
+def _report(run: Run, writer, bar, pending, clock: _Throughput):
     """Fetch a finished step's metrics (one step behind dispatch), log them, guard NaNs."""
     step, metrics, tokens = pending
     values = _values(metrics)
-    now = time.time()
-    dt = max(now - last, 1e-9)
-    values["tokens_per_sec"] = tokens / dt
+    values.update(clock.update(tokens))
     cfg = run.config.train
     if cfg.log_every and step % cfg.log_every == 0:
         writer.write(step, values)
     if bar is not None:
         bar.update(1)
         acc = values.get("rewards/accuracies", 0.0)
-        bar.set_postfix(loss=f"{values['loss']:.4f}", acc=f"{acc:.2f}", tok_s=f"{tokens / dt:,.0f}")
+        tok_s = values.get("tokens_per_sec", 0.0)
+        bar.set_postfix(loss=f"{values['loss']:.4f}", acc=f"{acc:.2f}", tok_s=f"{tok_s:,.0f}")
     if values["nonfinite"] >= cfg.max_nonfinite:
         raise NonFiniteError(
             f"{int(values['nonfinite'])} non-finite steps in a row (loss or gradient NaN/Inf) at "
@@ -376,7 +395,6 @@ def _report(run: Run, writer, bar, pending, last):
             f"saved checkpoint under {run.workdir}/checkpoints is intact. Lower the learning "
             "rate, check the data for empty completions, or use float32 compute."
         )
-    return now
 
 
 def _finish(run: Run, first_eval, final, seconds) -> dict:
