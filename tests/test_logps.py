@@ -116,8 +116,9 @@ def test_bf16_inputs_give_f32_outputs_close_to_f32_math():
     assert all(o.dtype == jnp.float32 and np.all(np.isfinite(o)) for o in out)
     # Logits accumulate in float32, so this equals float32 math on the rounded inputs...
     _close(out, _naive(*up, y), 1e-5, 1e-4)
-    # ...and is at least as close to it as the naive bf16 path (bf16 logits) is.
-    _close(_naive(*bf, y), _naive(*up, y), 0.0, 0.3)
+    # ...and is closer to it than the naive bf16 path (logits rounded to bf16) is.
+    for c, n, r in zip(out, _naive(*bf, y), _naive(*up, y)):
+        assert np.max(np.abs(c - r)) < np.max(np.abs(n - r))
     grads = jax.grad(_scalar(lambda *a: _chunked(*a, 8), cts), argnums=(0, 1))(*bf, y)
     want = jax.grad(_scalar(_naive, cts), argnums=(0, 1))(*up, y)
     for g, gw in zip(grads, want):
@@ -135,6 +136,7 @@ def test_batch_sharded_on_eight_devices_equals_single_device():
     f = lambda *a: _chunked(*a, 8)
     vg = jax.jit(lambda *a: jax.value_and_grad(_scalar(f, cts), argnums=(0, 1))(*a))
     (val_s, grads_s), (val_1, grads_1) = vg(*sharded), vg(*args)
+    # 1e-5: the scalar sums 4·8·37 terms in a different order per device (measured 2.7e-6).
     assert grads_s[0].sharding.spec[0] == "data"  # dh keeps the batch sharding
     _close([val_s, *grads_s], [val_1, *grads_1], 1e-5, 1e-5)
     _close(jax.jit(f)(*sharded), f(*args), 1e-5, 1e-5)

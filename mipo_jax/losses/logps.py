@@ -1,4 +1,3 @@
-# ruff: noqa: F722  (jaxtyping shape strings are not forward references)
 """Per-token quantities from logits: log-probs of targets, entropy, KL, log Σπ².
 
 ``token_*`` are the "naive" forms over full ``[..., T, V]`` logits, in float32 (or float64
