@@ -226,3 +226,14 @@ def test_packed_layouts_give_the_padded_metrics(kind):
     assert float(a["rewards/accuracies"].count) == len(rows) > 2
     for k in a:
         np.testing.assert_allclose(a[k].value, b[k].value, rtol=1e-5, atol=1e-5, err_msg=k)
+
+
+def test_step_data_batch_has_configured_groups():
+    """A packed step batch holds exactly ``data.groups`` groups (the iterator's batch)."""
+    from configs import default
+    from mipo_jax.train.data import StepData
+
+    config = default.get_config()
+    config.data.layout, config.data.groups = "pairs", 3
+    batch = next(StepData(config, "train"))
+    assert all(v.shape[0] == 3 for v in batch.values()), {k: v.shape for k, v in batch.items()}

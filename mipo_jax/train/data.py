@@ -25,7 +25,6 @@ from mipo_jax.data.encoding import tokenize_rows
 from mipo_jax.data.iterator import PreferenceIterator
 from mipo_jax.data.load import Rows
 from mipo_jax.data.pipeline import layout_of, limits_of, tokenizer_name
-from mipo_jax.train.layout import concat_groups
 
 HOST_ONLY = ("example_id",)
 
@@ -98,7 +97,6 @@ class StepData:
             self.data, layout_of(d), seed=d.seed, num_epochs=d.num_epochs,
             drop_remainder=d.drop_remainder,
         )  # fmt: skip
-        self.per_step = 1 if d.layout == "padded" else int(config.data.groups)
         self.keep_dataset_ref = config.reference.mode == "dataset"
         self.cache = None  # a ReferenceCache, attached by the loop in "cached" mode
 
@@ -115,8 +113,7 @@ class StepData:
         return self
 
     def __next__(self) -> dict:
-        batches = [next(self.iterator) for _ in range(self.per_step)]
-        batch = batches[0] if len(batches) == 1 else concat_groups(batches)
+        batch = next(self.iterator)  # already holds data.groups groups (packed layouts)
         if self.cache is not None:
             batch = self.cache.attach(batch)
         elif not self.keep_dataset_ref:

@@ -76,12 +76,6 @@ def split_groups(batch, n: int):
     return {k: cut(v) for k, v in batch.items()}
 
 
-def concat_groups(batches):
-    """Stack step batches along the group axis (same shapes required)."""
-    keys = batches[0].keys()
-    return {k: np.concatenate([np.asarray(b[k]) for b in batches]) for k in keys}
-
-
 def padded_examples(data, index, *, max_length: int, max_completion: int):
     """Padded step batch (one group per example, K = S rows) of ``data`` examples ``index``.
 
