@@ -89,6 +89,39 @@ def tokenizer_name(cfg: mlc.ConfigDict) -> str:
     raise ValueError("data.tokenizer is required for a non-embedded source")
 
 
+def tokenize_split(
+    cfg: mlc.ConfigDict,
+    tokenizer,
+    *,
+    process_index: int,
+    process_count: int,
+    transform=None,
+):
+    """Load the rows ``cfg`` describes and tokenise this process's share of them.
+
+    ``transform`` (rows -> rows) runs between loading and tokenising, e.g. the trainer's
+    split of paired rows into unpaired ones for KTO.
+    """
+    columns = dict(cfg.columns) if cfg.columns else None
+    rows = load_rows(
+        cfg.source, split=cfg.split, name=cfg.name, revision=cfg.revision, columns=columns
+    )
+    if transform is not None:
+        rows = transform(rows)
+    add_bos = cfg.add_bos if cfg.add_bos == "auto" else str(cfg.add_bos).lower() == "true"
+    return tokenize_rows(
+        rows,
+        tokenizer,
+        kind=cfg.format,
+        limits=limits_of(cfg),
+        bad_input=cfg.bad_input,
+        add_bos=add_bos,
+        eos_token=cfg.eos_token,
+        process_index=process_index,
+        process_count=process_count,
+    )
+
+
 def build(
     cfg: mlc.ConfigDict,
     *,
@@ -103,22 +136,7 @@ def build(
     p = jax.process_index() if process_index is None else process_index
     n = jax.process_count() if process_count is None else process_count
     tokenizer = tokenizer or load_tokenizer(tokenizer_name(cfg))
-    columns = dict(cfg.columns) if cfg.columns else None
-    rows = load_rows(
-        cfg.source, split=cfg.split, name=cfg.name, revision=cfg.revision, columns=columns
-    )
-    add_bos = cfg.add_bos if cfg.add_bos == "auto" else str(cfg.add_bos).lower() == "true"
-    data = tokenize_rows(
-        rows,
-        tokenizer,
-        kind=cfg.format,
-        limits=limits_of(cfg),
-        bad_input=cfg.bad_input,
-        add_bos=add_bos,
-        eos_token=cfg.eos_token,
-        process_index=p,
-        process_count=n,
-    )
+    data = tokenize_split(cfg, tokenizer, process_index=p, process_count=n)
     it = PreferenceIterator(
         data,
         layout_of(cfg),

@@ -19,12 +19,11 @@ import jax
 import ml_collections as mlc
 import numpy as np
 
-from mipo_jax.data import load_rows, to_global
+from mipo_jax.data import to_global
 from mipo_jax.data.embedded import load_tokenizer
-from mipo_jax.data.encoding import tokenize_rows
 from mipo_jax.data.iterator import PreferenceIterator
 from mipo_jax.data.load import Rows
-from mipo_jax.data.pipeline import layout_of, limits_of, tokenizer_name
+from mipo_jax.data.pipeline import layout_of, tokenize_split, tokenizer_name
 
 HOST_ONLY = ("example_id",)
 
@@ -61,22 +60,14 @@ def data_section(config, split: str) -> mlc.ConfigDict:
 
 def tokenize(d: mlc.ConfigDict, tokenizer, *, unpaired: bool):
     """This process's tokenised shard of the split described by ``d``."""
-    columns = dict(d.columns) if d.columns else None
-    rows = load_rows(d.source, split=d.split, name=d.name, revision=d.revision, columns=columns)
-    if unpaired and "completion" not in rows.column_names:
-        rows = unpair(rows)
-    add_bos = d.add_bos if d.add_bos == "auto" else str(d.add_bos).lower() == "true"
-    return tokenize_rows(
-        rows,
-        tokenizer,
-        kind=d.format,
-        limits=limits_of(d),
-        bad_input=d.bad_input,
-        add_bos=add_bos,
-        eos_token=d.eos_token,
-        process_index=jax.process_index(),
-        process_count=jax.process_count(),
-    )
+
+    def transform(rows: Rows) -> Rows:
+        return unpair(rows) if unpaired and "completion" not in rows.column_names else rows
+
+    return tokenize_split(
+        d, tokenizer, process_index=jax.process_index(), process_count=jax.process_count(),
+        transform=transform,
+    )  # fmt: skip
 
 
 class StepData:
