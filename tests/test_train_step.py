@@ -237,3 +237,60 @@ def test_step_data_batch_has_configured_groups():
     config.data.layout, config.data.groups = "pairs", 3
     batch = next(StepData(config, "train"))
     assert all(v.shape[0] == 3 for v in batch.values()), {k: v.shape for k, v in batch.items()}
+
+
+def kto_batch(n=8, seed=0):
+    """A padded unpaired batch with TRL's mismatched KL rows (controlled-task words)."""
+    from mipo_jax.data.embedded import load_tokenizer
+    from mipo_jax.data.encoding import tokenize_records
+    from mipo_jax.data.packing import assemble_padded
+    from mipo_jax.data.tasks import sentiment
+
+    rng = np.random.default_rng(seed)
+    words = lambda k: " ".join(sentiment.WORDS[i] for i in rng.integers(0, 8, k))
+    rows = [
+        {"prompt": words(int(rng.integers(2, 5))) + " :", "completion": " " + words(4 - i % 3),
+         "label": bool(i % 3)}
+        for i in range(n)
+    ]  # fmt: skip
+    data = tokenize_records(rows, load_tokenizer("toy_words"), kind="unpaired")
+    return assemble_padded(data, np.arange(n), n, 16, 8)
+
+
+@pytest.mark.parametrize("loss_type", ["kto", "apo_zero_unpaired"])
+def test_kto_grad_accumulation_equals_one_large_batch(loss_type):
+    """z_0 is the whole batch's estimate under accumulation, so loss, gradients and metrics
+    (z_0 included, as ``kl``) equal one large batch; per-micro-batch z_0 would not."""
+    from mipo_jax.losses.kto import kto_config
+
+    mesh = one_device_mesh()
+    graph, policy, ref, _ = models(mesh)
+    cfg = kto_config()
+    cfg.loss_type = loss_type
+    cfg.beta = 1.0  # larger than TRL's 0.1 so that a wrong z_0 shows in the loss clearly
+    batch = kto_batch()
+    batch["pair_valid"][5] = 0.0  # a padding slot counts nowhere (and micro-batches differ)
+    results = []
+    for accum in (1, 4):
+        spec = dataclasses.replace(
+            make_spec(graph, frozen(loss_config("reference")), accum),
+            loss=frozen(cfg), fields=frozenset(), objective="unpaired",
+        )  # fmt: skip
+        fn = jax.jit(lambda p, b, r, spec=spec: sp._grads(p, r, b, jax.random.key(0), spec))
+        results.append(fn({"policy": policy}, batch, ref))
+    (l1, g1, m1), (l4, g4, m4) = results
+    assert float(m1["kl"].value) > 0.01  # z_0 is not clamped to 0: the test can see it
+    np.testing.assert_allclose(l1, l4, rtol=1e-5)
+    for a, b in zip(jax.tree.leaves(g1), jax.tree.leaves(g4), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5 * float(np.abs(b).max()))
+    assert set(m1) == set(m4)
+    # z_0 (``kl``) is a mean of differences of summed log-probs of about -72: the forward
+    # passes over micro-batches of another shape round those sums differently by up to an
+    # ulp (7.6e-6 at 72), which z_0 ~ 0.3 inherits. (Per-micro-batch z_0s, as in TRL,
+    # measured 7.8, 0, 0, 0 on this batch: far outside this tolerance.)
+    ulp = float(np.spacing(np.float32(abs(m1["logps/chosen"].value))))
+    for k in m1:
+        atol = 4 * ulp if k == "kl" else 1e-6
+        np.testing.assert_allclose(m1[k].value, m4[k].value, rtol=1e-5, atol=atol, err_msg=k)
+    np.testing.assert_allclose(float(m4["loss"].value), float(l1), rtol=1e-5)
+    assert float(m1["rewards/chosen"].count) + float(m1["rewards/rejected"].count) == 7.0

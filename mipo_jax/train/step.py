@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from mipo_jax.losses import mipo_loss
+from mipo_jax.losses import kto, mipo_loss
 from mipo_jax.losses.kto import UnpairedInputs, kto_loss
 from mipo_jax.losses.logps import chunked_token_logps, chunked_token_stats
 from mipo_jax.metrics import Metric
@@ -154,41 +154,66 @@ def _learned_prior(params, batch, spec, targets, mask) -> dict:
     return out
 
 
-def unpaired_inputs(params, ref_params, batch, spec: StepSpec) -> UnpairedInputs:
-    """KTO: one completion per slot (side axis of size 1); ``kl_*`` rows hold each prompt
-    with another example's completion (TRL's mismatched pairs for the reference point)."""
+def _unpaired_logps(model, w, batch, prefix: str, spec: StepSpec) -> jax.Array:
+    """Per-token log-probs ``[N, C]`` of the rows named by ``prefix`` (side axis of size 1)."""
+    h = hidden_at_slots(model, batch, prefix)[:, 0]
+    y = _pairs(batch[prefix + "targets"])[:, 0]
+    return chunked_token_logps(h, w, y, chunk_size=spec.chunk_size)
+
+
+def _unpaired_reference(ref_params, batch, spec: StepSpec, prefix: str) -> jax.Array:
+    """Reference log-probs of the ``prefix`` rows: cached with the batch, or the live model."""
+    key = "kl_ref_logps" if prefix == "kl_" else "ref_logps"
+    if key in batch:
+        return _pairs(batch[key])[:, 0]
+    if spec.ref_graph is None:
+        raise ValueError(
+            f"KTO needs reference log-probs of the {'mismatched ' if prefix else ''}rows "
+            f"(batch field {key!r} is missing): use reference.mode='live'"
+        )
+    ref = nnx.merge(spec.ref_graph, ref_params)
+    return _unpaired_logps(ref, ref.unembed_weight(), batch, prefix, spec)
+
+
+def kto_kl_sums(params, ref_params, batch, spec: StepSpec) -> Metric:
+    """KTO: Σ valid·log π/π_ref over the batch's ``kl_*`` rows (each prompt with another
+    example's completion, TRL's mismatched pairs) and Σ valid. Forward only, detached."""
     policy = nnx.merge(spec.graph("policy"), params["policy"])
-    w = policy.unembed_weight()
-
-    def logps(model, w, prefix):
-        h = hidden_at_slots(model, batch, prefix)[:, 0]
-        y = _pairs(batch[prefix + "targets"])[:, 0]
-        return chunked_token_logps(h, w, y, chunk_size=spec.chunk_size)
-
-    if "ref_logps" in batch:
-        ref, kl_ref = _pairs(batch["ref_logps"])[:, 0], _pairs(batch["kl_ref_logps"])[:, 0]
-    else:
-        ref_model = nnx.merge(spec.ref_graph, ref_params)
-        ref_w = ref_model.unembed_weight()
-        ref, kl_ref = logps(ref_model, ref_w, ""), logps(ref_model, ref_w, "kl_")
     sg = jax.lax.stop_gradient
+    valid = kto.example_valid(_pairs(batch["mask"])[:, 0], batch["pair_valid"].reshape(-1))
+    return kto.mismatched_kl(
+        sg(_unpaired_logps(policy, policy.unembed_weight(), batch, "kl_", spec)),
+        sg(_unpaired_reference(ref_params, batch, spec, "kl_")),
+        _pairs(batch["kl_mask"])[:, 0].astype(jnp.float32),
+        valid,
+    )
+
+
+def unpaired_inputs(params, ref_params, batch, spec: StepSpec) -> UnpairedInputs:
+    """KTO: one completion per slot (side axis of size 1). The mismatched rows are not run
+    here: the step computes z_0 from them first (`kto_kl_sums`) and passes it on."""
+    policy = nnx.merge(spec.graph("policy"), params["policy"])
     return UnpairedInputs(
-        policy=logps(policy, w, ""),
+        policy=_unpaired_logps(policy, policy.unembed_weight(), batch, "", spec),
         mask=_pairs(batch["mask"])[:, 0].astype(jnp.float32),
-        reference=sg(ref),
+        reference=jax.lax.stop_gradient(_unpaired_reference(ref_params, batch, spec, "")),
         label=batch["label"].reshape(-1).astype(jnp.float32),
-        kl_policy=sg(logps(policy, w, "kl_")),
-        kl_reference=sg(kl_ref),
-        kl_mask=_pairs(batch["kl_mask"])[:, 0].astype(jnp.float32),
         valid=batch["pair_valid"].reshape(-1),
     )
 
 
-def normalizers(batch, spec: StepSpec) -> dict[str, jax.Array]:
-    """Global denominators of the whole (un-split) batch, for ``mipo_loss``."""
-    if spec.objective == "unpaired":
-        return {}
+def normalizers(batch, spec: StepSpec, params=None, ref_params=None) -> dict[str, jax.Array]:
+    """Global denominators of the whole (un-split) batch, for ``mipo_loss`` / ``kto_loss``.
+
+    KTO also gets its reference point z_0 over the whole batch (which needs the models).
+    """
     mask = _pairs(batch["mask"]).astype(jnp.float32)
+    if spec.objective == "unpaired":
+        valid = kto.example_valid(mask[:, 0], batch["pair_valid"].reshape(-1))
+        return {
+            "examples": jnp.sum(valid),
+            "z0": _kto_reference_point(params, ref_params, batch, spec),
+        }
     valid = batch["pair_valid"].reshape(-1) * jnp.all(jnp.sum(mask, -1) > 0, axis=-1)
     out = {"pairs": jnp.sum(valid), "sft_tokens": jnp.sum(mask[:, CHOSEN] * valid[:, None])}
     if "samples_mask" in batch:
@@ -196,11 +221,26 @@ def normalizers(batch, spec: StepSpec) -> dict[str, jax.Array]:
     return out
 
 
+def _kto_reference_point(params, ref_params, batch, spec: StepSpec) -> jax.Array:
+    """z_0 of the whole batch: one forward-only pass per micro-batch over its mismatched rows
+    (a ``lax.scan``, so the peak memory is one micro-batch's), summed, then clamped."""
+    n = spec.grad_accum
+    if n == 1:
+        return kto.reference_point(kto_kl_sums(params, ref_params, batch, spec))
+
+    def body(total, mb):
+        return total + kto_kl_sums(params, ref_params, mb, spec), None
+
+    zero = Metric(jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32))
+    total, _ = jax.lax.scan(body, zero, split_groups(batch, n))
+    return kto.reference_point(total)
+
+
 def loss_fn(params, ref_params, batch, rng, *, spec: StepSpec, norms):
     """``(loss, metrics)`` of one (micro-)batch; ``norms`` are the whole batch's counts."""
     if spec.objective == "unpaired":
-        loss, metrics = kto_loss(unpaired_inputs(params, ref_params, batch, spec), spec.loss)
-        return loss / spec.grad_accum, metrics
+        inputs = unpaired_inputs(params, ref_params, batch, spec)
+        return kto_loss(inputs, spec.loss, normalizers=norms)
     return mipo_loss(
         token_inputs(params, ref_params, batch, rng, spec), spec.loss, normalizers=norms
     )
@@ -208,7 +248,7 @@ def loss_fn(params, ref_params, batch, rng, *, spec: StepSpec, norms):
 
 def _grads(params, ref_params, batch, rng, spec: StepSpec):
     """Summed gradients and metrics over ``spec.grad_accum`` strided micro-batches."""
-    norms = normalizers(batch, spec)
+    norms = normalizers(batch, spec, params, ref_params)
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
     n = spec.grad_accum
     if n == 1:
@@ -270,7 +310,8 @@ def train_step(state: TrainState, batch: dict, ref_params, *, spec: StepSpec):
 def eval_step(params: dict, batch: dict, ref_params, *, spec: StepSpec) -> dict[str, Metric]:
     """The loss's metrics on a held-out batch (no dropout, no update)."""
     spec = dataclasses.replace(spec, mask_dropout=0.0, grad_accum=1)
-    _, metrics = loss_fn(params, ref_params, batch, None, spec=spec, norms=normalizers(batch, spec))
+    norms = normalizers(batch, spec, params, ref_params)
+    _, metrics = loss_fn(params, ref_params, batch, None, spec=spec, norms=norms)
     return dict(metrics)
 
 
