@@ -30,6 +30,12 @@ def tiny(name: str):
     return config
 
 
+@pytest.fixture(autouse=True)
+def own_cache(tmp_path, monkeypatch):
+    """Derived files (TIS-DPO contrastive models, reference caches) in this test's tmp dir."""
+    monkeypatch.setenv("MIPO_JAX_CACHE", str(tmp_path / "cache"))
+
+
 @pytest.mark.parametrize("name", NAMES)
 def test_config_trains_two_steps_at_tiny(name, tmp_path):
     config = tiny(name)

@@ -60,6 +60,10 @@ def validate(config) -> None:
     _check(config.checkpoint.every >= 1, "checkpoint.every", config.checkpoint.every, ">= 1")
     _check(config.checkpoint.keep >= 1, "checkpoint.keep", config.checkpoint.keep, ">= 1")
     _check_algorithm_state(config)
+    if "token_weights" in config:
+        from mipo_jax.train import token_weights
+
+        token_weights.validate(config)
 
 
 def _check_algorithm_state(config) -> None:

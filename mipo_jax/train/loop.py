@@ -34,7 +34,7 @@ from mipo_jax.train import state as st
 from mipo_jax.train.data import StepData, to_device
 from mipo_jax.train.refcache import ReferenceCache, weights_hash
 from mipo_jax.train.step import StepSpec, eval_step, required_fields, sequence_logps, train_step
-from mipo_jax.train.token_weights import TokenWeighter
+from mipo_jax.train.token_weights import Preempted, TokenWeighter
 from mipo_jax.train.writer import MetricWriter, plot
 
 log = logging.getLogger("mipo_jax.train")
@@ -90,8 +90,12 @@ def _needs_reference(config, fields) -> bool:
     return config.objective == "unpaired" or bool({"reference", "kl", "mask_u"} & fields)
 
 
-def build(config, workdir: str) -> Run:
-    """Everything up to the first step (resume included)."""
+def build(config, workdir: str, start: mdl.Built | None = None) -> Run:
+    """Everything up to the first step (resume included).
+
+    ``start``: the policy's starting model, already built (it is then also the reference and
+    no SFT stage runs); TIS-DPO trains its contrastive models this way from the reference.
+    """
     checks.validate(config)
     checks.validate_runtime(config, jax.process_count())
     os.makedirs(workdir, exist_ok=True)
@@ -102,11 +106,17 @@ def build(config, workdir: str) -> Run:
     eval_data = None
     if config.train.eval_batches > 0:
         eval_data = StepData(config, config.train.eval_split, tokenizer=tokenizer, seed=1)
-    policy = mdl.build_policy(config.model, tokenizer, mesh, config.seed)
-    log.info("policy: %s (%s)", policy.source, _count(policy.params))
-    policy = _maybe_sft(config, workdir, policy, tokenizer, mesh, batch_sharding, train_data)
+    if start is None:
+        policy = mdl.build_policy(config.model, tokenizer, mesh, config.seed)
+        log.info("policy: %s (%s)", policy.source, _count(policy.params))
+        policy = _maybe_sft(config, workdir, policy, tokenizer, mesh, batch_sharding, train_data)
+    else:
+        policy = start
 
     fields = frozenset() if config.objective == "unpaired" else required_fields(config.loss)
+    weighter = None
+    if "token_weights" in fields:  # TIS-DPO: contrastive models from the reference, first
+        weighter = TokenWeighter.build(config, policy, train_data, mesh, batch_sharding)
     live = config.reference.mode == "live" and _needs_reference(config, fields)
     reference = mdl.copy_params(policy.params) if live else None
     ref_source = policy.source if _needs_reference(config, fields) else "none"
@@ -158,8 +168,7 @@ def build(config, workdir: str) -> Run:
         state_shardings=shardings,
         num_steps=total,
     )
-    if "token_weights" in fields:
-        run.weighter = TokenWeighter(config, mesh, batch_sharding)
+    run.weighter = weighter
     exact = config.train.task_eval_prompts and config.data.source in task_eval.TASKS
     if exact and jax.process_count() > 1:
         log.warning("exact task evaluation runs in single-process runs only; skipped")
@@ -282,10 +291,14 @@ def task_metrics(run: Run, params) -> dict[str, float]:
     return run.task.metrics(run.task.logprobs(score(params)), run.ref_task_logprobs)
 
 
-def train(config, workdir: str) -> dict:
-    """Train as configured; returns (and writes) a summary of the run."""
+def train(config, workdir: str, start: mdl.Built | None = None) -> dict:
+    """Train as configured; returns (and writes) a summary of the run (``start``: see build)."""
     t0 = time.time()
-    run = build(config, workdir)
+    try:
+        run = build(config, workdir, start)
+    except Preempted as stop:
+        log.warning("%s; checkpoint saved, exiting cleanly", stop)
+        return {"stopped": "preempted", "step": 0}
     step_fn, eval_fn = compile_steps(run)
     cfg = config
     ckpt = Checkpointer(
