@@ -119,7 +119,9 @@ def contrastive_config(config, side: str, steps: int) -> mlc.ConfigDict:
     """The config of the run that trains π⁺ (``positive``) or π⁻ (``negative``)."""
     tw = config.token_weights
     sub = mlc.ConfigDict(config.to_dict())  # resolved copy: no reference shared with config
-    del sub["token_weights"]
+    for section in ("token_weights", "ref_sync", "rounds"):  # a plain DPO / SFT run
+        if section in sub:
+            del sub[section]
     sub.algorithm = f"{config.algorithm}/{tw.source}_{side}"
     sub.objective = "paired"
     if tw.source == "dpo":
@@ -250,9 +252,10 @@ def build_contrastive(config, reference: mdl.Built, train_data, mesh) -> Contras
 # ------------------------------------------------------------------------------------------
 
 
-def _scores(pos_params, neg_params, batch, *, spec: StepSpec):
+def _scores(pos_params, neg_params, batch, *, specs: tuple[StepSpec, StepSpec]):
     """d_t = log π⁺ − log π⁻ on chosen tokens, log π⁻ − log π⁺ on rejected ones."""
-    d = token_logps(pos_params, batch, spec=spec) - token_logps(neg_params, batch, spec=spec)
+    pos = token_logps(pos_params, batch, spec=specs[0])
+    d = pos - token_logps(neg_params, batch, spec=specs[1])
     return d.at[:, 1].multiply(-1.0)
 
 
@@ -265,15 +268,14 @@ class TokenWeighter:
         self.sharding = batch_sharding
         self.checked = False
         if contrastive is not None:
-            spec = StepSpec(
-                graphs=(("policy", contrastive.positive.graph),),
-                ref_graph=None,
-                loss=None,
-                tx=None,
-                lr=None,
-                chunk_size=int(config.train.logps_chunk),
-            )
-            self.fn = jax.jit(functools.partial(_scores, spec=spec), out_shardings=batch_sharding)
+            chunk = int(config.train.logps_chunk)
+            specs = tuple(
+                StepSpec(graphs=(("policy", m.graph),), ref_graph=None, loss=None, tx=None,
+                         lr=None, chunk_size=chunk)
+                for m in (contrastive.positive, contrastive.negative)
+            )  # fmt: skip
+            fn = functools.partial(_scores, specs=specs)
+            self.fn = jax.jit(fn, out_shardings=batch_sharding)
 
     @classmethod
     def build(cls, config, reference: mdl.Built, train_data, mesh, batch_sharding):
