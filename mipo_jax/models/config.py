@@ -82,6 +82,9 @@ class ModelConfig:
         in float32 regardless).
       remat: one of `REMAT_POLICIES`, applied to each decoder layer.
       scan_layers: `jax.lax.scan` over the stacked layers (else a Python loop over them).
+      attention_block: queries per attention block in full-sequence (training, scoring)
+        passes; each block reads only the keys up to its last query (and within the
+        caller's ``span``). 0 = one block. Decoding with a KV cache is never blocked.
     """
 
     family: str
@@ -113,6 +116,7 @@ class ModelConfig:
     compute_dtype: str = "float32"
     remat: str = "none"
     scan_layers: bool = True
+    attention_block: int = 128
 
     def __post_init__(self):
         _check_choice("family", self.family, FAMILIES)
@@ -120,6 +124,8 @@ class ModelConfig:
         _check_choice("remat", self.remat, REMAT_POLICIES)
         _check_choice("param_dtype", self.param_dtype, DTYPES)
         _check_choice("compute_dtype", self.compute_dtype, DTYPES)
+        if self.attention_block < 0:
+            raise ValueError(f"attention_block={self.attention_block} must be >= 0 (0 = one block)")
         if self.num_heads % self.num_kv_heads:
             raise UnsupportedConfigError(
                 f"num_attention_heads={self.num_heads} is not a multiple of "

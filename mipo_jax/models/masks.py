@@ -29,6 +29,7 @@ Padding queries see nothing; their softmax is uniform over masked scores (finite
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 
 def attention_mask(
@@ -89,3 +90,27 @@ def positions_from_segments(segment_ids: jax.Array) -> jax.Array:
     )
     start_index = jax.lax.cummax(jnp.where(starts, index, 0), axis=1)
     return jnp.where(segment_ids > 0, index - start_index, 0)
+
+
+def attention_span(segment_ids, attend_to=None) -> int:
+    """Host-side: the largest ``t - s + 1`` over query t and visible key s of the batch.
+
+    ``segment_ids``/``attend_to`` are ``[..., T]`` arrays (numpy). A query sees keys of its own
+    segment and of its ``attend_to`` segment; the earliest of them is each segment's first
+    token in the row. ``CausalLM.hidden(..., span=)`` may skip keys further back than this.
+    Padding and segments never attended to contribute nothing; returns 0 for an empty batch.
+    """
+    seg = np.asarray(segment_ids).reshape(-1, np.shape(segment_ids)[-1]).astype(np.int64)
+    att = seg if attend_to is None else np.asarray(attend_to).reshape(seg.shape).astype(np.int64)
+    rows, t = seg.shape
+    if seg.size == 0 or not (seg > 0).any():
+        return 0
+    ids = int(max(seg.max(), att.max())) + 1
+    index = np.broadcast_to(np.arange(t), seg.shape)
+    offset = (np.arange(rows) * ids)[:, None]
+    first = np.full(rows * ids, t, np.int64)  # each (row, segment)'s first index; t = none
+    np.minimum.at(first, (seg + offset).ravel(), index.ravel())
+    start = first[seg + offset]
+    start = np.where(att > 0, np.minimum(start, first[att + offset]), start)
+    live = seg > 0
+    return int((index - start)[live].max()) + 1

@@ -31,7 +31,6 @@ from mipo_jax.models.layers import Dense, Embed, Norm, activation, apply_rope, r
 from mipo_jax.models.remat import remat
 from mipo_jax.sharding import shard
 
-_MASKED = float(jnp.finfo(jnp.float32).min)
 ACT = ("batch", "seq", "act_embed")
 
 
@@ -53,16 +52,43 @@ class KVCache:
         return cls(zeros, zeros, ids, ids, jnp.zeros((), jnp.int32))
 
 
-def dot_product_attention(q, k, v, mask, scale: float) -> jax.Array:
-    """Grouped-query attention: q ``[B,T,H,K]``, k/v ``[B,S,N,K]``, mask ``[B,T,S]``."""
+def dot_product_attention(
+    q, k, v, mask, scale: float, *, block: int = 0, span: int | None = None
+) -> jax.Array:
+    """Grouped-query attention: q ``[B,T,H,K]``, k/v ``[B,S,N,K]``, mask ``[B,T,S]``.
+
+    ``block > 0`` (self-attention only: T == S, query t is key t) runs the queries in blocks
+    of ``block`` rows, each against the keys up to its last query (causality: the keys after
+    it are never visible), and, with ``span``, only from ``span - 1`` keys before its first
+    query: the caller guarantees no query sees a key more than ``span - 1`` places back
+    (packed rows: the longest packed unit). The result equals the unblocked one; the work on
+    the score matrix drops from T² to about T·(block + min(T, span)) / 2 for causal rows.
+    Softmax normalisation is deferred to the ``[T, K]`` output (scores are exponentiated
+    after subtracting their row maximum; the sum divides ``e @ v``), which saves a pass over
+    the ``[T, S]`` probabilities forward and backward. Scores, the exponentials and their sums
+    are float32; ``e`` enters the value matmul in v's dtype.
+    """
     b, t, h, d = q.shape
     n = k.shape[2]
     q = q.reshape(b, t, n, h // n, d)
-    scores = jnp.einsum("btngk,bsnk->bngts", q, k, preferred_element_type=jnp.float32)
-    scores = jnp.where(mask[:, None, None], scores * scale, _MASKED)
-    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-    out = jnp.einsum("bngts,bsnk->btngk", probs, v)
-    return out.reshape(b, t, h, d)
+    acc = jnp.promote_types(q.dtype, jnp.float32)  # float32 (float64 for float64 inputs)
+    outs = []
+    for lo in range(0, t, block or t):
+        hi = min(t, lo + block) if block else t
+        k_hi = hi if block else k.shape[1]
+        k_lo = max(0, lo - span + 1) if (block and span) else 0
+        scores = jnp.einsum(
+            "btngk,bsnk->bngts", q[:, lo:hi], k[:, k_lo:k_hi], preferred_element_type=acc
+        )
+        visible = mask[:, None, None, lo:hi, k_lo:k_hi]
+        scores = jnp.where(visible, scores * scale, jnp.finfo(acc).min)
+        e = jnp.exp(scores - jax.lax.stop_gradient(jnp.max(scores, axis=-1, keepdims=True)))
+        out = jnp.einsum(
+            "bngts,bsnk->bngtk", e.astype(v.dtype), v[:, k_lo:k_hi], preferred_element_type=acc,
+        )  # fmt: skip
+        outs.append(out / jnp.sum(e, axis=-1, keepdims=True))
+    out = outs[0] if len(outs) == 1 else jnp.concatenate(outs, axis=3)
+    return out.transpose(0, 3, 1, 2, 4).reshape(b, t, h, d).astype(v.dtype)
 
 
 class Attention(nnx.Module):
@@ -77,8 +103,9 @@ class Attention(nnx.Module):
         self.k_norm = Norm(k, ("head_dim",), cfg=cfg, kind="rms") if cfg.qk_norm else None
         self.rope = (k, cfg.rope_theta, cfg.rope_scaling) if cfg.position == "rope" else None
         self.scale = k**-0.5
+        self.block = cfg.attention_block
 
-    def __call__(self, x, positions, mask, kv=None):
+    def __call__(self, x, positions, mask, kv=None, span=None):
         q = shard(self.q(x), ("batch", "seq", "heads", "head_dim"))
         k = shard(self.k(x), ("batch", "seq", "kv_heads", "head_dim"))
         v = shard(self.v(x), ("batch", "seq", "kv_heads", "head_dim"))
@@ -92,7 +119,8 @@ class Attention(nnx.Module):
             k = jax.lax.dynamic_update_slice(k_cache, k.astype(k_cache.dtype), (0, index, 0, 0))
             v = jax.lax.dynamic_update_slice(v_cache, v.astype(v_cache.dtype), (0, index, 0, 0))
             kv = (k, v)
-        out = dot_product_attention(q, k, v, mask, self.scale)
+        block = self.block if kv is None else 0  # blocks need query t == key t
+        out = dot_product_attention(q, k, v, mask, self.scale, block=block, span=span)
         out = shard(out, ("batch", "seq", "heads", "head_dim"))
         return self.o(out), kv
 
@@ -123,8 +151,8 @@ class Block(nnx.Module):
         self.mlp_norm = Norm(cfg.hidden_size, ("embed",), cfg=cfg)
         self.mlp = Mlp(cfg, rngs=rngs)
 
-    def __call__(self, x, positions, mask, kv=None):
-        h, kv = self.attn(self.attn_norm(x), positions, mask, kv)
+    def __call__(self, x, positions, mask, kv=None, span=None):
+        h, kv = self.attn(self.attn_norm(x), positions, mask, kv, span)
         x = shard(x + h, ACT)
         x = shard(x + self.mlp(self.mlp_norm(x)), ACT)
         return x, kv
@@ -158,17 +186,24 @@ class CausalLM(nnx.Module):
             )
         )
 
-    def __call__(self, tokens, positions=None, segment_ids=None, *, attend_to=None):
+    def __call__(self, tokens, positions=None, segment_ids=None, *, attend_to=None, span=None):
         """Float32 logits ``[B, T, V]``."""
-        return self.logits(self.hidden(tokens, positions, segment_ids, attend_to=attend_to))
+        return self.logits(
+            self.hidden(tokens, positions, segment_ids, attend_to=attend_to, span=span)
+        )
 
-    def hidden(self, tokens, positions=None, segment_ids=None, *, attend_to=None):
-        """Final-normed hidden states ``[B, T, D]`` in the compute dtype."""
+    def hidden(self, tokens, positions=None, segment_ids=None, *, attend_to=None, span=None):
+        """Final-normed hidden states ``[B, T, D]`` in the compute dtype.
+
+        ``span`` (static int, optional): no token attends to a key more than ``span - 1``
+        places before it in its row (`masks.attention_span` of the batch must be ≤ span);
+        with ``cfg.attention_block`` the attention then skips the key blocks further back.
+        """
         positions, segment_ids = _defaults(tokens, positions, segment_ids)
         mask = masks.self_attention_mask(
             segment_ids, positions, attend_to=attend_to, sliding_window=self.config.sliding_window
         )
-        h, _ = self._trunk(tokens, positions, mask, None)
+        h, _ = self._trunk(tokens, positions, mask, None, span)
         return h
 
     def unembed_weight(self) -> jax.Array:
@@ -199,26 +234,26 @@ class CausalLM(nnx.Module):
             kv_positions=pos,
             sliding_window=self.config.sliding_window,
         )
-        h, (k, v) = self._trunk(tokens, positions, mask, (cache.k, cache.v, cache.index))
+        h, (k, v) = self._trunk(tokens, positions, mask, (cache.k, cache.v, cache.index), None)
         cache = KVCache(k, v, seg, pos, cache.index + t)
         return self.logits(h), cache
 
-    def _trunk(self, tokens, positions, mask, kv):
+    def _trunk(self, tokens, positions, mask, kv, span):
         x = self.embed(tokens)
         if self.pos_embed is not None:
             x = x + self.pos_embed(positions)
         x = shard(x, ACT)
-        x, kv = self._run_layers(x, positions, mask, kv)
+        x, kv = self._run_layers(x, positions, mask, kv, span)
         return self.final_norm(x), kv
 
-    def _run_layers(self, x, positions, mask, kv):
+    def _run_layers(self, x, positions, mask, kv, span):
         cfg = self.config
         graphdef, state = nnx.split(self.layers)
         k_all, v_all, index = kv if kv is not None else (None, None, None)
 
         def layer(x, layer_state, k, v):
             block = nnx.merge(graphdef, layer_state)
-            return block(x, positions, mask, None if k is None else (k, v, index))
+            return block(x, positions, mask, None if k is None else (k, v, index), span)
 
         layer = remat(layer, cfg.remat, prevent_cse=not cfg.scan_layers)
         if cfg.scan_layers:
