@@ -56,6 +56,7 @@ class StepSpec:
     chunk_size: int = 256
     mask_dropout: float = 0.0
     bos_id: int = 0
+    attention_span: int | None = None  # bound on the main rows' `masks.attention_span`
 
     def graph(self, name: str):
         return dict(self.graphs)[name]
@@ -71,8 +72,12 @@ def _pairs(x: jax.Array) -> jax.Array:
     return x.reshape(-1, *x.shape[2:])
 
 
-def hidden_at_slots(model, batch, prefix: str = "") -> jax.Array:
-    """Final hidden states at each slot's predecessor: ``[G·P, 2, C, D]``."""
+def hidden_at_slots(model, batch, prefix: str = "", span: int | None = None) -> jax.Array:
+    """Final hidden states at each slot's predecessor: ``[G·P, 2, C, D]``.
+
+    ``span``: a bound on the rows' attention reach (`CausalLM.hidden`), e.g. the longest
+    packed unit; blocked attention then skips the key blocks beyond it.
+    """
     tokens = batch[prefix + "tokens"]
     g, k, t = tokens.shape
     attend = batch.get(prefix + "attend_to")
@@ -81,6 +86,7 @@ def hidden_at_slots(model, batch, prefix: str = "") -> jax.Array:
         _rows(batch[prefix + "positions"]),
         _rows(batch[prefix + "segment_ids"]),
         attend_to=None if attend is None else _rows(attend),
+        span=span,
     )
     idx = batch[prefix + "pred_index"]
     h = jnp.take_along_axis(h.reshape(g, k * t, -1), idx.reshape(g, -1, 1), axis=1)
@@ -90,7 +96,7 @@ def hidden_at_slots(model, batch, prefix: str = "") -> jax.Array:
 def _reference(spec: StepSpec, ref_params, batch):
     """(hidden at slots, unembedding) of the live reference, both without gradient."""
     ref = nnx.merge(spec.ref_graph, ref_params)
-    h = hidden_at_slots(ref, batch)
+    h = hidden_at_slots(ref, batch, span=spec.attention_span)
     return jax.lax.stop_gradient(h), jax.lax.stop_gradient(ref.unembed_weight())
 
 
@@ -98,7 +104,7 @@ def token_inputs(params, ref_params, batch, rng, spec: StepSpec) -> TokenInputs:
     """Run the models over the batch and fill the ``TokenInputs`` the loss reads."""
     fields = spec.fields
     policy = nnx.merge(spec.graph("policy"), params["policy"])
-    h, w = hidden_at_slots(policy, batch), policy.unembed_weight()
+    h, w = hidden_at_slots(policy, batch, span=spec.attention_span), policy.unembed_weight()
     targets = _pairs(batch["targets"])
     live = spec.ref_graph is not None
     ref_h, ref_w = _reference(spec, ref_params, batch) if live else (None, None)
@@ -205,15 +211,18 @@ def unpaired_inputs(params, ref_params, batch, spec: StepSpec) -> UnpairedInputs
 def normalizers(batch, spec: StepSpec, params=None, ref_params=None) -> dict[str, jax.Array]:
     """Global denominators of the whole (un-split) batch, for ``mipo_loss`` / ``kto_loss``.
 
-    KTO also gets its reference point z_0 over the whole batch (which needs the models).
+    KTO also gets its reference point z_0 over the whole batch (which needs the models);
+    ``apo_zero_unpaired`` reads no z_0, so its mismatched rows are not run (TRL's
+    ``calculate_KL=False``) and its ``kl`` metric is 0.
     """
     mask = _pairs(batch["mask"]).astype(jnp.float32)
     if spec.objective == "unpaired":
         valid = kto.example_valid(mask[:, 0], batch["pair_valid"].reshape(-1))
-        return {
-            "examples": jnp.sum(valid),
-            "z0": _kto_reference_point(params, ref_params, batch, spec),
-        }
+        if spec.loss.loss_type == "kto":
+            z0 = _kto_reference_point(params, ref_params, batch, spec)
+        else:
+            z0 = jnp.zeros((), jnp.float32)
+        return {"examples": jnp.sum(valid), "z0": z0}
     valid = batch["pair_valid"].reshape(-1) * jnp.all(jnp.sum(mask, -1) > 0, axis=-1)
     out = {"pairs": jnp.sum(valid), "sft_tokens": jnp.sum(mask[:, CHOSEN] * valid[:, None])}
     if "samples_mask" in batch:
@@ -323,7 +332,7 @@ def sequence_logps(params, batch, *, spec: StepSpec) -> jax.Array:
 def token_logps(params, batch, *, spec: StepSpec) -> jax.Array:
     """Per-token log-probs of the module ``params`` (graph ``policy``): ``[G·P, 2, C]``."""
     model = nnx.merge(spec.graph("policy"), params)
-    h = hidden_at_slots(model, batch)
+    h = hidden_at_slots(model, batch, span=spec.attention_span)
     y = _pairs(batch["targets"])
     return chunked_token_logps(h, model.unembed_weight(), y, chunk_size=spec.chunk_size)
 
