@@ -56,3 +56,15 @@ def test_kto_reference_point_is_detached():
         )[0]
     )(kpol)
     assert np.all(np.asarray(grad) == 0.0)
+
+
+@pytest.mark.parametrize("mode", ["cached", "dataset"])
+def test_kto_needs_a_live_reference(mode):
+    """z_0's mismatched pairs change with every batch: no cache holds their reference."""
+    from configs import kto
+    from mipo_jax.train import checks
+
+    config = kto.get_config("tiny")
+    config.reference.mode = mode
+    with pytest.raises(ValueError, match="reference.mode='live'"):
+        checks.validate(config)

@@ -77,6 +77,13 @@ def _check_algorithm_state(config) -> None:
             "(per-token KL to the full reference distribution, or a reference that moves); "
             "use reference.mode='live'"
         )
+    if config.objective == "unpaired" and config.kto.loss_type == "kto":
+        if config.reference.mode != "live":
+            raise ValueError(
+                f"reference.mode={config.reference.mode!r}: KTO's reference point z_0 scores "
+                "each prompt with another example's completion, pairs that change with every "
+                "batch and that no cache or dataset column holds; use reference.mode='live'"
+            )
     if config.reference.mode == "dataset" and config.objective == "paired":
         if prior in ("token_weighted", "sparse_masks", "length_desensitized"):
             raise ValueError(
