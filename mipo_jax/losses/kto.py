@@ -17,7 +17,9 @@ estimate of the whole optimiser-step batch (all devices, all micro-batches, weig
 example): the train step runs a forward-only pass over the micro-batches' mismatched rows
 first and hands the global z_0 to every loss pass (``normalizers``), so loss, gradients and
 metrics equal one large batch. With one micro-batch and equal per-device counts this is
-TRL's value.
+TRL's value. ``apo_zero_unpaired`` reads no z_0: the step then skips the mismatched rows and
+reports ``kl`` = 0, as TRL does (``calculate_KL=False``). The mismatched pairs change with
+every batch, so their reference log-probs come from a live reference only.
 """
 
 from collections.abc import Mapping
