@@ -1,7 +1,7 @@
-"""Iteration: deterministic shuffles, exact resume, disjoint covering shards, global arrays."""
+"""Iteration: deterministic shuffles, exact resume, one global stream split over processes."""
 
+import dataclasses
 import json
-import threading
 
 import jax
 import numpy as np
@@ -19,11 +19,12 @@ from mipo_jax.data import (
     tokenize_rows,
 )
 from mipo_jax.data.embedded import load_tokenizer
+from mipo_jax.train.data import unpair
 
 LAYOUTS = [
     Layout("padded", batch_size=16, bucket_window=4),
-    Layout("pairs", rows=2, groups=2, row_length=64),
-    Layout("shared_prompt", rows=2, groups=2, row_length=64),
+    Layout("pairs", rows=2, groups=4, row_length=64),
+    Layout("shared_prompt", rows=2, groups=4, row_length=64),
 ]
 IDS = [lay.kind for lay in LAYOUTS]
 
@@ -85,58 +86,66 @@ def test_state_refuses_other_data_or_layout(data):
         PreferenceIterator(data, LAYOUTS[0], seed=1).set_state(state)
 
 
-class ThreadAllGather:
-    """`process_allgather` for processes simulated by threads (a barrier per call)."""
-
-    def __init__(self, n: int):
-        self.n, self.slots, self.barrier = n, [None] * n, threading.Barrier(n)
-
-    def for_process(self, p: int):
-        def gather(x):
-            self.slots[p] = np.asarray(x)
-            self.barrier.wait()
-            out = np.stack(self.slots)
-            self.barrier.wait()
-            return out
-
-        return gather
+def split(layout: Layout, n: int) -> Layout:
+    """The per-process layout of ``n`` processes sharing ``layout``'s global batch."""
+    if layout.packed:
+        return dataclasses.replace(layout, groups=layout.groups // n)
+    return dataclasses.replace(layout, batch_size=layout.batch_size // n)
 
 
-def run_processes(rows, words, layout, n_proc, epochs=1):
-    """Each simulated process tokenises only its shard; returns its batches per epoch."""
-    gather, out = ThreadAllGather(n_proc), [None] * n_proc
+def stream(data, layout, n=1, p=0, **kw):
+    return PreferenceIterator(data, layout, seed=0, process_index=p, process_count=n, **kw)
 
-    def work(p):
-        local = tokenize_rows(rows, words, process_index=p, process_count=n_proc)
-        it = PreferenceIterator(
-            local, layout, seed=0, num_epochs=epochs, drop_remainder=False,
-            process_index=p, process_count=n_proc, allgather=gather.for_process(p),
-        )  # fmt: skip
-        out[p] = (local, list(it))
 
-    threads = [threading.Thread(target=work, args=(p,)) for p in range(n_proc)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    return out
+@pytest.fixture(scope="module")
+def unpaired(rows, words):  # KTO rows: the KL completions cycle through the global batch
+    return tokenize_rows(unpair(rows), words)
+
+
+@pytest.mark.parametrize("drop_remainder", [True, False], ids=["drop", "keep"])
+@pytest.mark.parametrize("layout", [*LAYOUTS, "unpaired"], ids=[*IDS, "padded-unpaired"])
+def test_processes_split_each_batch_of_the_one_process_stream(
+    data, unpaired, layout, drop_remainder
+):
+    if layout == "unpaired":
+        data, layout = unpaired, LAYOUTS[0]
+    kw = dict(num_epochs=2, drop_remainder=drop_remainder)
+    whole = list(stream(data, layout, **kw))
+    for n in (2, 4):
+        parts = [list(stream(data, split(layout, n), n, p, **kw)) for p in range(n)]
+        assert [len(x) for x in parts] == [len(whole)] * n
+        for step, want in enumerate(whole):
+            blocks = [x[step] for x in parts]
+            assert same({k: np.concatenate([b[k] for b in blocks]) for k in want}, want), step
+            ids = [set(b["example_id"][b["pair_valid"] > 0].tolist()) for b in blocks]
+            assert all(a.isdisjoint(b) for i, a in enumerate(ids) for b in ids[i + 1 :])
+    epochs = np.split(np.arange(len(whole)), 2)
+    for e in epochs:  # keep: every example exactly once per epoch; drop: no repeats
+        seen = np.concatenate([whole[i]["example_id"][whole[i]["pair_valid"] > 0] for i in e])
+        assert len(seen) == len(set(seen.tolist()))
+        if not drop_remainder:
+            assert sorted(seen.tolist()) == sorted(data.example_id.tolist())
 
 
 @pytest.mark.parametrize("layout", LAYOUTS, ids=IDS)
-def test_processes_read_disjoint_shards_that_cover_the_data(rows, words, layout):
-    results = run_processes(rows, words, layout, 3)
-    shards = [set(local.example_id.tolist()) for local, _ in results]
-    assert sum(map(len, shards)) == len(rows) and set().union(*shards) == set(range(len(rows)))
-    assert all(a.isdisjoint(b) for i, a in enumerate(shards) for b in shards[i + 1 :])
-    n_batches = {len(batches) for _, batches in results}
-    assert len(n_batches) == 1  # agreed (the minimum) so that no process waits forever
-    for step in range(n_batches.pop()):  # global arrays need equal shapes on every process
-        assert len({results[p][1][step]["tokens"].shape for p in range(3)}) == 1
-    for (_, batches), shard in zip(results, shards):
-        seen = np.concatenate([b["example_id"][b["pair_valid"] > 0] for b in batches])
-        assert len(seen) == len(set(seen.tolist())) and set(seen.tolist()) <= shard
-    if layout.kind == "padded":  # nothing dropped when every shard fills the same batches
-        assert sum(int(b["pair_valid"].sum()) for _, bs in results for b in bs) == len(rows)
+def test_state_is_global_and_resumes_under_another_process_count(data, layout):
+    one = stream(data, layout)
+    reference = [next(one) for _ in range(7)]
+    two = [stream(data, split(layout, 2), 2, p) for p in range(2)]
+    for _ in range(3):
+        for it in two:
+            next(it)
+    state = two[0].get_state()
+    assert two[1].get_state() == state  # what a multi-process checkpoint stores
+    four = [stream(data, split(layout, 4), 4, p) for p in range(4)]
+    for it in four:
+        it.set_state(json.loads(json.dumps(state)))
+    for want in reference[3:]:
+        got = [next(it) for it in four]
+        assert same({k: np.concatenate([g[k] for g in got]) for k in want}, want)
+    bigger = stream(data, layout, 2, 0)  # the same per-process layout: twice the global batch
+    with pytest.raises(ValueError, match="another global batch"):
+        bigger.set_state(state)
 
 
 def test_build_from_config_and_to_global(rows, words):

@@ -1,12 +1,13 @@
 """Two real JAX processes (jax.distributed on CPU, 2 devices each) iterate one dataset.
 
-Each process tokenises only its shard, agrees with the other on batch counts and row lengths
-through ``process_allgather``, and builds global arrays with
-``jax.make_array_from_process_local_data``. Also runnable as the worker:
+Each process yields its block of every global batch and builds global arrays with
+``jax.make_array_from_process_local_data``; the global batches are exactly those of one
+process with twice the per-process batch. Also runnable as the worker:
 
     python -m tests.test_data_multiprocess worker OUT.json   (MIPO_* env set)
 """
 
+import hashlib
 import json
 import os
 import socket
@@ -41,27 +42,44 @@ def worker(out: str) -> None:
 def run(layout: dict, sharding, count) -> dict:
     from jax.experimental import multihost_utils
 
-    from mipo_jax.data import build, data_config, to_global
+    from mipo_jax.data import build, to_global
 
-    cfg = data_config(source="embedded:controlled", split="test", num_epochs=1, **layout)
-    cfg.drop_remainder = False
-    it, _ = build(cfg)  # this process's shard, from jax.process_index()/process_count()
+    it, _ = build(config(layout))  # this process's blocks, from jax.process_index()/count()
     batches = []
     for local in it:
         glob = to_global(local, sharding)
-        everyone = multihost_utils.process_allgather(glob["example_id"], tiled=True)
+        everyone = multihost_utils.process_allgather(glob, tiled=True)
         tokens, pairs = count(glob)
         batches.append(
             dict(
                 local=local["example_id"][local["pair_valid"] > 0].tolist(),
-                shape=list(glob["tokens"].shape),
-                everyone=np.asarray(everyone)[np.asarray(everyone) >= 0].tolist(),
+                everyone=np.asarray(everyone.pop("example_id")).tolist(),
+                digest=digest(everyone),
                 pairs=float(pairs),
                 tokens=float(tokens),
-                local_tokens=float(local["mask"].sum()),
             )
         )
-    return dict(shard=it.data.example_id.tolist(), batches=batches)
+    return dict(data=len(it.data), batches=batches)
+
+
+def config(layout: dict, processes: int = 1):
+    """The data config of ``layout`` with its per-process sizes for ``processes`` of 2."""
+    from mipo_jax.data import data_config
+
+    cfg = data_config(source="embedded:controlled", split="test", num_epochs=1, **layout)
+    cfg.drop_remainder = False
+    if cfg.layout == "padded":
+        cfg.batch_size *= processes
+    else:
+        cfg.groups *= processes
+    return cfg
+
+
+def digest(batch: dict) -> str:
+    h = hashlib.sha256()
+    for k in sorted(batch):
+        h.update(k.encode() + np.ascontiguousarray(np.asarray(batch[k])).tobytes())
+    return h.hexdigest()
 
 
 def _free_port() -> int:
@@ -110,22 +128,28 @@ def results(tmp_path_factory):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("layout", list(LAYOUTS))
-def test_two_processes_share_one_dataset(results, layout):
+def test_two_processes_split_the_one_process_batches(results, layout):
+    from mipo_jax.data import build
+
     res = [r[layout] for r in results]
-    shards = [set(r["shard"]) for r in res]
-    assert not shards[0] & shards[1] and shards[0] | shards[1] == set(range(512))
-    assert len(res[0]["batches"]) == len(res[1]["batches"]) > 0
+    whole, _ = build(config(LAYOUTS[layout], processes=2), process_index=0, process_count=1)
+    want = list(whole)
+    assert res[0]["data"] == res[1]["data"] == len(whole.data)  # both hold the whole split
+    assert len(res[0]["batches"]) == len(res[1]["batches"]) == len(want) > 0
     seen = []
-    for b0, b1 in zip(res[0]["batches"], res[1]["batches"]):
-        assert b0["shape"] == b1["shape"] and b0["pairs"] == b1["pairs"] == len(b0["local"]) + len(
-            b1["local"]
-        )
+    for b0, b1, w in zip(res[0]["batches"], res[1]["batches"], want):
+        assert b0["everyone"] == b1["everyone"] == w["example_id"].tolist()
         assert (
-            b0["everyone"] == b1["everyone"] == b0["local"] + b1["local"]
-        )  # process 0's block first
-        assert set(b0["local"]) <= shards[0] and set(b1["local"]) <= shards[1]
-        seen += b0["everyone"]
-    assert len(seen) == len(set(seen))
+            b0["digest"]
+            == b1["digest"]
+            == digest({k: v for k, v in w.items() if k != "example_id"})
+        )
+        valid = w["example_id"][w["pair_valid"] > 0].tolist()
+        assert b0["local"] + b1["local"] == valid  # process 0's block first, disjoint
+        assert b0["pairs"] == b1["pairs"] == len(valid)
+        assert b0["tokens"] == b1["tokens"] == float(w["mask"].sum())
+        seen += valid
+    assert sorted(seen) == list(range(len(whole.data)))  # one epoch, nothing dropped
 
 
 if __name__ == "__main__" and sys.argv[1:2] == ["worker"]:

@@ -5,10 +5,11 @@ Pipeline (each step is a module; `pipeline.build` chains them from a config):
 1. `load.load_rows`: rows from local json/jsonl/parquet/csv, a hub id or ``embedded:NAME``.
 2. `formats`: TRL's standard / implicit-prompt / conversational / unpaired rows, checked.
 3. `encoding.tokenize_rows`: one BOS, EOS after each completion, truncation, bad-input
-   policy (`report`), for this process's contiguous shard only.
+   policy (`report`), of the whole split (every process tokenises every row).
 4. `iterator.PreferenceIterator`: deterministic, resumable batches in one of three layouts
-   (`packing`): ``padded`` (pair axis), ``pairs`` (pair packing), ``shared_prompt``.
-5. `iterator.to_global`: host-local batch -> global ``jax.Array``s.
+   (`packing`): ``padded`` (pair axis), ``pairs`` (pair packing), ``shared_prompt``; one
+   global batch stream whatever the process count, each process yielding its block.
+5. `iterator.to_global`: a process's block -> global ``jax.Array``s.
 
 A batch is a dict of arrays in the train step's group layout (`mipo_jax.train.layout`);
 `batch` documents every field and shape. Every layout is used the same way::

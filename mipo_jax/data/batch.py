@@ -29,7 +29,7 @@ loss weights by it), ``example_id`` [G, P] int32 (source row, -1 for empty slots
 
 Unpaired data in the padded layout also carries ``kl_tokens``, ``kl_segment_ids``,
 ``kl_positions``, ``kl_pred_index``, ``kl_targets``, ``kl_mask``: each prompt with the next
-slot's completion (cyclically within the batch), TRL's mismatched pairs for KTO's KL term.
+slot's completion (cyclically within the global batch), TRL's mismatched pairs for KTO's KL term.
 
 Layouts:
   ``padded``         a group is one example: K = S rows (``prompt + completion_s``, right

@@ -33,7 +33,7 @@ from typing import Any
 import numpy as np
 
 from mipo_jax.data import formats
-from mipo_jax.data.load import Rows, shard_bounds
+from mipo_jax.data.load import Rows
 from mipo_jax.data.ragged import Ragged
 from mipo_jax.data.report import BadRow, Report
 
@@ -60,7 +60,7 @@ class Limits:
 
 @dataclasses.dataclass
 class Tokenized:
-    """The tokenised (process-local) shard: N examples, K completions each.
+    """A tokenised split: N examples, K completions each.
 
     Attributes:
       prompt: ragged prompt ids (BOS included).
@@ -260,25 +260,20 @@ def tokenize_rows(
     bad_input: str = "error",
     add_bos: bool | str = "auto",
     eos_token: str | None = None,
-    process_index: int = 0,
-    process_count: int = 1,
     chunk: int = 1024,
 ) -> Tokenized:
-    """Check, render and tokenise this process's contiguous shard of ``rows``."""
+    """Check, render and tokenise every row of ``rows`` (each process holds the whole split)."""
     kind = formats.detect_kind(rows.column_names, kind, rows.source)
     enc = Encoder(tokenizer, add_bos=add_bos, eos_token=eos_token)
     report = Report(rows.source, bad_input)
-    lo, hi = shard_bounds(len(rows), process_index, process_count)
     k = 1 if kind == "unpaired" else 2
     out: dict[str, list] = {"prompt": [], "comp": [], "id": [], "ref": [], "label": []}
-    it = rows.iter(lo, hi)
+    it = rows.iter(0, len(rows))
     while batch := _take(it, chunk):
         _tokenize_chunk(batch, kind, enc, limits, report, out)
     report.kept = len(out["id"])
     if report.kept == 0:
-        raise ValueError(
-            f"{rows.source}: no usable rows in shard {process_index}.\n{report.summary()}"
-        )
+        raise ValueError(f"{rows.source}: no usable rows.\n{report.summary()}")
     has_ref = any(r is not None for r in out["ref"])
     if has_ref and any(r is None for r in out["ref"]):
         raise ValueError(f"{rows.source}: ref log-probs are present for some rows only")

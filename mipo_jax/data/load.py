@@ -81,13 +81,6 @@ class Rows:
         return Rows(self.source, table, names)
 
 
-def shard_bounds(n: int, process_index: int, process_count: int) -> tuple[int, int]:
-    """Contiguous rows [lo, hi) of process ``process_index`` out of ``process_count``."""
-    if not 0 <= process_index < process_count:
-        raise ValueError(f"process_index {process_index} not in [0, {process_count})")
-    return n * process_index // process_count, n * (process_index + 1) // process_count
-
-
 def resolve_files(source: str, split: str) -> list[str] | None:
     """Local files named by ``source`` (a path, a glob or ``embedded:NAME``), else None."""
     if source.startswith("embedded:"):

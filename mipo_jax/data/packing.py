@@ -25,7 +25,7 @@ from mipo_jax.data.encoding import Tokenized
 
 @dataclasses.dataclass(frozen=True)
 class Layout:
-    """How examples become batches (sizes are per process). See the module docstring."""
+    """How examples become batches (sizes per process; see `iterator` for the global batch)."""
 
     kind: str = "padded"
     batch_size: int = 8  # padded: examples per batch
@@ -245,19 +245,26 @@ def _example(data: Tokenized, i: int):
     return data.prompt[i], [c[i] for c in data.completions]
 
 
-def assemble_padded(data: Tokenized, examples, batch_size: int, length: int, width: int) -> dict:
-    """A padded batch: group j is example ``examples[j]``, row s its side s."""
+def assemble_padded(
+    data: Tokenized, examples, batch_size: int, length: int, width: int, *, start: int = 0
+) -> dict:
+    """Groups ``examples[start : start + batch_size]`` of a padded batch (row s: side s).
+
+    ``examples`` is the whole (global) batch; a process assembles its block of it from
+    ``start``. Missing examples (a short last batch) leave empty groups.
+    """
     s = data.num_completions
+    mine = [int(i) for i in examples[start : start + batch_size]]
     a = Assembler(data, "padded", (batch_size, s, length, 1), width)
-    for j, i in enumerate(examples):
-        a.add(j, 0, *_example(data, int(i)), [(side, 0) for side in range(s)])
-        a.meta(j, 0, int(i))
+    for j, i in enumerate(mine):
+        a.add(j, 0, *_example(data, i), [(side, 0) for side in range(s)])
+        a.meta(j, 0, i)
     out = a.out
-    if data.label is not None and len(examples):  # KTO's mismatched pairs
+    if data.label is not None and len(examples):  # KTO's mismatched pairs, global cycle
         kl = Assembler(data, "padded", (batch_size, 1, length, 1), width)
-        for j, i in enumerate(examples):
-            other = int(examples[(j + 1) % len(examples)])
-            kl.add(j, 0, data.prompt[int(i)], [data.completions[0][other]], [(0, 0)])
+        for j, i in enumerate(mine):
+            other = int(examples[(start + j + 1) % len(examples)])
+            kl.add(j, 0, data.prompt[i], [data.completions[0][other]], [(0, 0)])
         keys = ("tokens", "segment_ids", "positions", "pred_index", "targets", "mask")
         out.update({f"kl_{k}": kl.out[k] for k in keys})
     return out

@@ -1,13 +1,15 @@
 """The data section of a config, and `build`: source -> rows -> tokens -> batch iterator.
 
     cfg = data_config(source="embedded:controlled", layout="shared_prompt", row_length=128)
-    it, tokenizer = build(cfg)          # this process's shard, resumable
+    it, tokenizer = build(cfg)          # resumable; this process's block of each batch
     batch = next(it)                    # host-local PreferenceBatch (numpy)
     batch = to_global(batch, sharding)  # global jax.Arrays (multi-host)
 
 Sizes (``batch_size``, ``groups``) are per process; the global batch is ``process_count``
-times larger. The leading axis of every array (G: examples when padded, groups when packed)
-is the one to shard over the data axes, so it should be a multiple of the local devices.
+times larger, and the stream of global batches depends on the global batch only, not on how
+many processes share it (`iterator`). The leading axis of every array (G: examples when
+padded, groups when packed) is the one to shard over the data axes, so it should be a
+multiple of the local devices.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ import ml_collections as mlc
 
 from mipo_jax.data.embedded import load_tokenizer, tokenizer_for
 from mipo_jax.data.encoding import Limits, tokenize_rows
-from mipo_jax.data.iterator import AllGather, PreferenceIterator
+from mipo_jax.data.iterator import PreferenceIterator
 from mipo_jax.data.load import load_rows
 from mipo_jax.data.packing import Layout
 
@@ -89,15 +91,8 @@ def tokenizer_name(cfg: mlc.ConfigDict) -> str:
     raise ValueError("data.tokenizer is required for a non-embedded source")
 
 
-def tokenize_split(
-    cfg: mlc.ConfigDict,
-    tokenizer,
-    *,
-    process_index: int,
-    process_count: int,
-    transform=None,
-):
-    """Load the rows ``cfg`` describes and tokenise this process's share of them.
+def tokenize_split(cfg: mlc.ConfigDict, tokenizer, *, transform=None):
+    """Load the rows ``cfg`` describes and tokenise all of them (on every process).
 
     ``transform`` (rows -> rows) runs between loading and tokenising, e.g. the trainer's
     split of paired rows into unpaired ones for KTO.
@@ -117,8 +112,6 @@ def tokenize_split(
         bad_input=cfg.bad_input,
         add_bos=add_bos,
         eos_token=cfg.eos_token,
-        process_index=process_index,
-        process_count=process_count,
     )
 
 
@@ -128,23 +121,21 @@ def build(
     tokenizer=None,
     process_index: int | None = None,
     process_count: int | None = None,
-    allgather: AllGather | None = None,
 ) -> tuple[PreferenceIterator, object]:
-    """(iterator over this process's shard, tokenizer) for the ``data`` config ``cfg``."""
-    import jax
+    """(iterator, tokenizer) for the ``data`` config ``cfg``.
 
-    p = jax.process_index() if process_index is None else process_index
-    n = jax.process_count() if process_count is None else process_count
+    The iterator yields process ``process_index``'s block of each global batch (default:
+    this process of ``jax.process_count()``).
+    """
     tokenizer = tokenizer or load_tokenizer(tokenizer_name(cfg))
-    data = tokenize_split(cfg, tokenizer, process_index=p, process_count=n)
+    data = tokenize_split(cfg, tokenizer)
     it = PreferenceIterator(
         data,
         layout_of(cfg),
         seed=cfg.seed,
         num_epochs=cfg.num_epochs,
         drop_remainder=cfg.drop_remainder,
-        process_index=p,
-        process_count=n,
-        allgather=allgather,
+        process_index=process_index,
+        process_count=process_count,
     )
     return it, tokenizer

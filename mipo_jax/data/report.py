@@ -67,7 +67,7 @@ class BadRow(Exception):
 
 @dataclasses.dataclass
 class Report:
-    """Counts gathered while loading and tokenising one (process-local) dataset shard."""
+    """Counts gathered while loading and tokenising one dataset split."""
 
     source: str = ""
     policy: str = "error"

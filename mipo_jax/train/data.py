@@ -3,14 +3,16 @@
 Thin adapter over `mipo_jax.data` (which yields host-local batches in the step's group
 layout). It adds what a training run needs on top:
 
-* the global batch size: ``config.batch_size`` pairs per step for the padded layout (one
-  iterator batch of ``batch_size / process_count`` examples per process); for packed layouts
-  ``config.data.groups`` packed groups (iterator batches) per step and process;
+* the global batch size: ``config.batch_size`` pairs per step for the padded layout (each
+  process yields its ``batch_size / process_count`` examples of the global batch); for
+  packed layouts ``config.data.groups`` packed groups per step and process. The global batches
+  depend on the global batch only, so runs with 1 or N processes train on the same data;
 * KTO on a paired set: each pair becomes a desirable (chosen) and an undesirable (rejected)
   row, as TRL's ``unpair_preference_dataset`` does;
 * which reference log-probs reach the step: the dataset's own columns only with
   ``reference.mode = "dataset"``, the on-disk cache with ``"cached"``;
-* a global iterator state (the same on every process) for checkpoints.
+* a global iterator state (the same on every process) for checkpoints; it resumes in a run
+  with another process count and the same global batch, and refuses other data or batches.
 """
 
 import copy
@@ -59,15 +61,12 @@ def data_section(config, split: str) -> mlc.ConfigDict:
 
 
 def tokenize(d: mlc.ConfigDict, tokenizer, *, unpaired: bool):
-    """This process's tokenised shard of the split described by ``d``."""
+    """The tokenised split described by ``d`` (all of it: every process holds every row)."""
 
     def transform(rows: Rows) -> Rows:
         return unpair(rows) if unpaired and "completion" not in rows.column_names else rows
 
-    return tokenize_split(
-        d, tokenizer, process_index=jax.process_index(), process_count=jax.process_count(),
-        transform=transform,
-    )  # fmt: skip
+    return tokenize_split(d, tokenizer, transform=transform)
 
 
 class StepData:
@@ -114,17 +113,35 @@ class StepData:
         return batch
 
     def get_state(self) -> dict:
-        """Global position (equal on every process; the shard fingerprint stays local)."""
-        s = self.iterator.get_state()
-        return {"epoch": int(s["epoch"]), "step": int(s["step"])}
+        """Global position and fingerprint (equal on every process, for any process count)."""
+        return self.iterator.get_state()
 
     def set_state(self, state: dict) -> None:
-        self.iterator.set_state({"epoch": state["epoch"], "step": state["step"]})
+        self.iterator.set_state(state)
 
 
-def to_device(batch: dict, sharding) -> dict:
-    """Global arrays sharded on the group axis; host-only fields are dropped."""
+def to_device(batch: dict, sharding, *, whole: bool = False) -> dict:
+    """Global arrays sharded on the group axis; host-only fields are dropped.
+
+    ``batch`` is this process's block of the global batch (what `StepData` yields), or with
+    ``whole=True`` the whole global batch, the same on every process (reference scoring,
+    exact task evaluation). In one process the two are the same thing.
+    """
     batch = {k: v for k, v in batch.items() if k not in HOST_ONLY}
     if jax.process_count() == 1:
         return jax.device_put(batch, sharding)
+    if whole:
+        return {
+            k: jax.make_array_from_process_local_data(sharding, np.asarray(v), np.shape(v))
+            for k, v in batch.items()
+        }
     return to_global(batch, sharding)
+
+
+def fetch(x) -> np.ndarray:
+    """A global array's whole value on every process (an all-gather across processes)."""
+    if not isinstance(x, jax.Array) or x.is_fully_addressable or x.is_fully_replicated:
+        return np.asarray(x)
+    from jax.experimental import multihost_utils
+
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
