@@ -125,6 +125,15 @@ def is_main_process() -> bool:
     return jax.process_index() == 0
 
 
+def all_agree(ok: bool) -> bool:
+    """True when ``ok`` holds on every process (a collective when several processes run)."""
+    if jax.process_count() == 1:
+        return ok
+    from jax.experimental import multihost_utils
+
+    return bool(np.all(multihost_utils.process_allgather(np.asarray(int(ok), np.int32))))
+
+
 def log_info(msg: str, *args) -> None:
     """`logging.info` on process 0 only (other processes stay quiet)."""
     if is_main_process():

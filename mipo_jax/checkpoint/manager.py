@@ -42,6 +42,7 @@ import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 
 from mipo_jax.checkpoint import codec, integrity
+from mipo_jax.distributed import all_agree
 
 logger = logging.getLogger("mipo_jax.checkpoint")
 
@@ -57,13 +58,6 @@ class Restored:
     metadata: dict
     source: str
     path: str
-
-
-def _all_agree(ok: bool) -> bool:
-    """True when `ok` holds on every process (a collective in multi-process runs)."""
-    if jax.process_count() == 1:
-        return ok
-    return bool(np.all(multihost_utils.process_allgather(np.asarray(int(ok), np.int32))))
 
 
 def _barrier(name: str) -> None:
@@ -218,7 +212,7 @@ def _restore_newest(manager, directory: Path, abstract, source: str, move_aside:
                 restored = _restore_step(manager, step, abstract, source)
             except Exception as e:  # any failure to read means: try the previous step
                 problem, read_error = f"restore failed: {type(e).__name__}: {e}", True
-        if _all_agree(problem is None):
+        if all_agree(problem is None):
             if bad:
                 logger.warning("Using the checkpoint at step %d (%s) instead", step, step_dir)
             _move_aside([p for p, _ in bad] if move_aside else [], manager)

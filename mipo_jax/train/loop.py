@@ -31,7 +31,7 @@ from mipo_jax.sharding import make_mesh
 from mipo_jax.train import checks, optim, rounds, sft, task_eval
 from mipo_jax.train import models as mdl
 from mipo_jax.train import state as st
-from mipo_jax.train.data import StepData, to_device
+from mipo_jax.train.data import StepData, fetch, to_device
 from mipo_jax.train.refcache import ReferenceCache, weights_hash
 from mipo_jax.train.step import StepSpec, eval_step, required_fields, sequence_logps, train_step
 from mipo_jax.train.token_weights import Preempted, TokenWeighter
@@ -169,16 +169,9 @@ def build(config, workdir: str, start: mdl.Built | None = None) -> Run:
         num_steps=total,
     )
     run.weighter = weighter
-    exact = config.train.task_eval_prompts and config.data.source in task_eval.TASKS
-    if exact and jax.process_count() > 1:
-        log.warning("exact task evaluation runs in single-process runs only; skipped")
-    elif exact:
+    if config.train.task_eval_prompts and config.data.source in task_eval.TASKS:
         run.task = task_eval.TaskEval(config.data.source, tokenizer, config.train.task_eval_prompts)
     return run
-
-
-def _host_only(batch: dict) -> dict:
-    return {k: v for k, v in batch.items() if k != "example_id"}
 
 
 def _count(params) -> str:
@@ -211,16 +204,8 @@ def _attach_caches(config, policy, train_data, eval_data, batch_sharding, mesh):
     from mipo_jax.train.step import token_logps
 
     fn = jax.jit(functools.partial(token_logps, spec=spec))
-    if jax.process_count() == 1:
-        score = lambda b: fn(policy.params, to_device(b, batch_sharding))
-    else:  # each process scores its own shard on one local device: no collectives
-        from jax.experimental import multihost_utils
-
-        device = jax.local_devices()[0]
-        params = jax.device_put(
-            multihost_utils.process_allgather(policy.params, tiled=True), device
-        )
-        score = lambda b: fn(params, jax.device_put(_host_only(b), device))
+    # every process passes the same whole batch; all devices score it, every process gets all
+    score = lambda b: fetch(fn(policy.params, to_device(b, batch_sharding, whole=True)))
     w = weights_hash(policy.params, repr(policy.config))
     for data in (train_data, eval_data):
         if data is None:
@@ -284,7 +269,7 @@ def task_metrics(run: Run, params) -> dict[str, float]:
         graphs=(("policy", run.policy.graph),), ref_graph=None, loss=None, tx=None, lr=None
     )
     fn = jax.jit(functools.partial(sequence_logps, spec=spec))
-    score = lambda p: lambda b: fn(p, to_device(b, run.batch_sharding))
+    score = lambda p: lambda b: fetch(fn(p, to_device(b, run.batch_sharding, whole=True)))
     if run.ref_task_logprobs is None:
         ref = run.reference if run.reference is not None else run.policy.params
         run.ref_task_logprobs = run.task.logprobs(score(ref))

@@ -5,11 +5,19 @@ tokenised dataset itself (prompt and completion ids, example ids: this covers th
 version and every tokenisation or truncation setting) and (c) the completion width. Any change
 to the weights, the data or the tokenisation gives a new key, so a stale cache is never read.
 
-Layout: ``<cache_dir>/<key>/ref_logps.p<i>of<n>.npy`` (float32 ``[N, S, C]`` per-token
-log-probs of this process's examples, in the shard's order) plus ``meta.json``. A later run
-with the same key reads the file instead of running the reference. Per-token values serve
-every prior (sequence-level ones sum them); the per-token KL of TDPO/SparsePO needs the full
-reference distribution and therefore a live reference.
+Layout: ``<cache_dir>/<key>/ref_logps.npy`` (float32 ``[N, S, C]`` per-token log-probs of
+every example of the split, in its order) plus ``meta.json``. A later run with the same key
+reads the file instead of running the reference. Per-token values serve every prior
+(sequence-level ones sum them); the per-token KL of TDPO/SparsePO needs the full reference
+distribution and therefore a live reference.
+
+Multi-process runs: every process holds the whole tokenised split and its blocks of the
+global batches hold arbitrary examples, so every process keeps the values of every example.
+The key, and hence the file, is the same for any process count. On a miss (on any process:
+they agree first, so that all of them run the same collectives) the processes score the
+split together on the global mesh, batch by batch, each batch the same on every process and
+its result gathered to all; each process then writes the same file (atomically, under a
+name of its own first), which is harmless when the cache directory is shared.
 """
 
 import hashlib
@@ -20,21 +28,23 @@ import time
 import jax
 import numpy as np
 
+from mipo_jax.distributed import all_agree
 from mipo_jax.train import layout
+from mipo_jax.train.data import fetch
 
 
 def weights_hash(params, extra: str = "") -> str:
     """Content hash of a parameter pytree (values, shapes, dtypes, tree paths)."""
     h = hashlib.sha256(extra.encode())
     for path, x in jax.tree_util.tree_flatten_with_path(params)[0]:
-        a = np.asarray(jax.device_get(x))
+        a = fetch(x)
         h.update(f"{jax.tree_util.keystr(path)}:{a.shape}:{a.dtype}".encode())
         h.update(np.ascontiguousarray(a).tobytes())
     return h.hexdigest()
 
 
 def data_fingerprint(data) -> str:
-    """Hash of a tokenised shard: every prompt and completion id, and the example ids."""
+    """Hash of a tokenised split: every prompt and completion id, and the example ids."""
     h = hashlib.sha256()
     for r in (data.prompt, *data.completions):
         h.update(np.ascontiguousarray(r.values).tobytes())
@@ -48,12 +58,12 @@ def cache_key(weights: str, data: str, width: int) -> str:
 
 
 class ReferenceCache:
-    """Per-token reference log-probs of every example of a tokenised shard.
+    """Per-token reference log-probs of every example of a tokenised split.
 
     Args:
       directory: cache root (``config.reference.cache_dir``).
       weights: ``weights_hash`` of the reference (with its model config).
-      data: the tokenised shard (``mipo_jax.data.Tokenized``).
+      data: the tokenised split (``mipo_jax.data.Tokenized``), the same on every process.
       width: completion width C of the batches it will serve.
     """
 
@@ -61,8 +71,7 @@ class ReferenceCache:
         self.data, self.width = data, int(width)
         self.key = cache_key(weights, data_fingerprint(data), self.width)
         self.dir = os.path.join(directory, self.key)
-        name = f"ref_logps.p{jax.process_index()}of{jax.process_count()}.npy"
-        self.path = os.path.join(self.dir, name)
+        self.path = os.path.join(self.dir, "ref_logps.npy")
         self.values: np.ndarray | None = None
         self.hit = False
         self._row = {int(e): i for i, e in enumerate(data.example_id)}
@@ -70,9 +79,10 @@ class ReferenceCache:
     def load_or_build(self, score, *, batch_size: int = 64, max_length: int) -> "ReferenceCache":
         """Read the cache file, or compute it with ``score(batch) -> [G·P, S, C]`` and write it.
 
-        ``score`` runs the reference on a padded batch (``layout.padded_examples``).
+        ``score`` runs the reference on a padded batch (``layout.padded_examples``) of the
+        whole split's examples, the same batch on every process, and returns numpy values.
         """
-        if os.path.exists(self.path):
+        if all_agree(os.path.exists(self.path)):
             self.values = np.load(self.path, mmap_mode="r")
             self.hit = True
             return self
@@ -87,12 +97,14 @@ class ReferenceCache:
             batch = layout.pad_groups(batch, batch_size)
             out[idx] = np.asarray(score(batch))[: len(idx)] * batch["mask"][: len(idx), 0]
         os.makedirs(self.dir, exist_ok=True)
-        tmp = self.path + f".tmp{os.getpid()}.npy"
-        np.save(tmp, out)
-        os.replace(tmp, self.path)
+        tmp = f".tmp.p{jax.process_index()}.{os.getpid()}"
+        np.save(self.path + tmp + ".npy", out)
+        os.replace(self.path + tmp + ".npy", self.path)
         meta = dict(key=self.key, examples=n, width=self.width, seconds=time.time() - start)
-        with open(os.path.join(self.dir, "meta.json"), "w") as f:
+        meta_path = os.path.join(self.dir, "meta.json")
+        with open(meta_path + tmp, "w") as f:
             json.dump(meta, f)
+        os.replace(meta_path + tmp, meta_path)
         self.values, self.hit = out, False
         return self
 
