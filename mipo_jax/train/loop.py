@@ -248,9 +248,14 @@ def compile_steps(run: Run):
 
 
 def evaluate(run: Run, eval_fn, state) -> dict[str, float]:
-    """Held-out metrics over ``eval_batches`` batches (sums, then values), plus task metrics."""
+    """Held-out metrics over ``eval_batches`` batches (sums, then values), plus task metrics.
+
+    Every evaluation scores the same batches (the eval split's first ``eval_batches``), so
+    eval curves compare across steps and a resumed run evaluates as an uninterrupted one.
+    """
     out: dict[str, float] = {}
     if run.eval_data is not None:
+        run.eval_data.set_state({"epoch": 0, "step": 0})
         total = None
         ref = state.aux.get("reference", run.reference)
         for _ in range(int(run.config.train.eval_batches)):
