@@ -262,8 +262,8 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def launch(args: list[str], devices: int, env: dict | None = None) -> subprocess.Popen:
-    """Start a worker with `devices` CPU devices (its own XLA_FLAGS), output piped."""
+def subprocess_env(devices: int, env: dict | None = None) -> dict:
+    """This environment without multi-process settings, `devices` CPU devices, plus `env`."""
     full = {k: v for k, v in os.environ.items() if not k.startswith(_DIST_ENV)}
     full.update(
         XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
@@ -271,9 +271,19 @@ def launch(args: list[str], devices: int, env: dict | None = None) -> subprocess
         PYTHONPATH=os.pathsep.join([str(REPO), full.get("PYTHONPATH", "")]),
         **(env or {}),
     )
+    return full
+
+
+def launch(args: list[str], devices: int, env: dict | None = None) -> subprocess.Popen:
+    """Start a worker with `devices` CPU devices (its own XLA_FLAGS), output piped."""
     cmd = [sys.executable, "-m", "tests.multiprocess_worker", *args, "--devices", str(devices)]
     return subprocess.Popen(
-        cmd, cwd=REPO, env=full, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+        cmd,
+        cwd=REPO,
+        env=subprocess_env(devices, env),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
     )
 
 
