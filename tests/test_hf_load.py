@@ -186,3 +186,39 @@ def test_bfloat16_checkpoint_loads(tmp_path):
     np.testing.assert_array_equal(source.get(name).astype(np.float32), want)
     model = load_pretrained(tmp_path)
     assert model.embed.embedding[...].dtype == np.float32
+
+
+def test_all_layer_hidden_states_match_transformers(checkpoint):
+    """``hidden(all_layers=True)`` is transformers' ``output_hidden_states=True`` (L+1 entries:
+    embeddings, layer outputs, final-normed last), looped or scanned, padded rows; ``select``
+    maps each entry inside the layer loop (here a gather of a few positions)."""
+    family, folder, torch_model = checkpoint
+    tokens, right, _ = padded_batch(2)
+    positions = np.maximum(np.cumsum(right, axis=1) - 1, 0)
+    as_t = lambda x: torch.tensor(np.asarray(x), dtype=torch.long)
+    with torch.no_grad():
+        out = torch_model(
+            as_t(tokens),
+            attention_mask=as_t(right),
+            position_ids=as_t(positions),
+            output_hidden_states=True,
+        )
+    want = np.stack([h.numpy() for h in out.hidden_states])
+    assert want.shape[0] == torch_model.config.num_hidden_layers + 1
+    valid = right.astype(bool)
+    picks = np.array([[0, 3], [1, 8], [2, 2]])  # (row, position) pairs inside each row
+    gather = lambda h: h[picks[:, 0], picks[:, 1]]
+    for scan in (True, False):
+        model = load_pretrained(folder, scan_layers=scan)
+        every = jax.jit(lambda t, p, s, m=model: m.hidden(t, p, s, all_layers=True))
+        got = np.asarray(every(tokens, positions, right))
+        assert got.shape == want.shape
+        np.testing.assert_allclose(got[:, valid], want[:, valid], atol=1e-4, rtol=1e-4)
+        final = jax.jit(lambda t, p, s, m=model: m.hidden(t, p, s))(tokens, positions, right)
+        np.testing.assert_allclose(got[-1], np.asarray(final), atol=1e-6, rtol=1e-6)
+        picked = jax.jit(lambda t, p, s, m=model: m.hidden(t, p, s, all_layers=True, select=gather))
+        np.testing.assert_allclose(
+            np.asarray(picked(tokens, positions, right)),
+            got[:, picks[:, 0], picks[:, 1]],
+            atol=1e-6,
+        )

@@ -8,6 +8,7 @@ API (shape letters: B batch, T tokens, S cache slots, D width, V vocabulary)::
     model = CausalLM(cfg, rngs=nnx.Rngs(0))
     logits = model(tokens, positions, segment_ids, attend_to=None)   # [B, T, V] float32
     h = model.hidden(tokens, positions, segment_ids)                 # [B, T, D] final-normed
+    hs = model.hidden(tokens, all_layers=True, select=f)  # [L+1, *f(h).shape], HF's hidden_states
     w = model.unembed_weight()                                       # [D, V]; logits = h @ w
     logits, cache = model.decode(tokens, positions, segment_ids, cache)  # with a KVCache
 
@@ -20,6 +21,7 @@ Layers are always stored stacked (leading axis 'layers'); `cfg.scan_layers` choo
 """
 
 import functools
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -192,19 +194,40 @@ class CausalLM(nnx.Module):
             self.hidden(tokens, positions, segment_ids, attend_to=attend_to, span=span)
         )
 
-    def hidden(self, tokens, positions=None, segment_ids=None, *, attend_to=None, span=None):
+    def hidden(
+        self,
+        tokens,
+        positions=None,
+        segment_ids=None,
+        *,
+        attend_to=None,
+        span=None,
+        all_layers: bool = False,
+        select: Callable[[jax.Array], jax.Array] | None = None,
+    ):
         """Final-normed hidden states ``[B, T, D]`` in the compute dtype.
 
         ``span`` (static int, optional): no token attends to a key more than ``span - 1``
         places before it in its row (`masks.attention_span` of the batch must be ≤ span);
         with ``cfg.attention_block`` the attention then skips the key blocks further back.
+
+        ``all_layers=True`` returns instead every layer's hidden states, stacked
+        ``[L+1, B, T, D]``, as transformers' ``output_hidden_states=True`` gives them: the
+        embeddings (with learned positions), the outputs of layers 1..L-1 (before any
+        norm), and the final-normed output of the last layer (what the default returns).
+        ``select`` (e.g. a gather of the positions one needs) maps each of them inside the
+        layer loop, so only what it keeps is stacked: ``[L+1, *select(h).shape]``.
         """
         positions, segment_ids = _defaults(tokens, positions, segment_ids)
         mask = masks.self_attention_mask(
             segment_ids, positions, attend_to=attend_to, sliding_window=self.config.sliding_window
         )
-        h, _ = self._trunk(tokens, positions, mask, None, span)
-        return h
+        if not all_layers:
+            h, _, _ = self._trunk(tokens, positions, mask, None, span)
+            return h
+        select = select if select is not None else (lambda h: h)
+        h, _, seen = self._trunk(tokens, positions, mask, None, span, select)
+        return jnp.concatenate([seen, select(h)[None]])
 
     def unembed_weight(self) -> jax.Array:
         """``[D, V]`` in the compute dtype: logits = hidden @ unembed_weight()."""
@@ -234,19 +257,21 @@ class CausalLM(nnx.Module):
             kv_positions=pos,
             sliding_window=self.config.sliding_window,
         )
-        h, (k, v) = self._trunk(tokens, positions, mask, (cache.k, cache.v, cache.index), None)
+        kv = (cache.k, cache.v, cache.index)
+        h, (k, v), _ = self._trunk(tokens, positions, mask, kv, None)
         cache = KVCache(k, v, seg, pos, cache.index + t)
         return self.logits(h), cache
 
-    def _trunk(self, tokens, positions, mask, kv, span):
+    def _trunk(self, tokens, positions, mask, kv, span, select=None):
+        """(final-normed hidden, new kv, stacked ``select`` of each layer's input or None)."""
         x = self.embed(tokens)
         if self.pos_embed is not None:
             x = x + self.pos_embed(positions)
         x = shard(x, ACT)
-        x, kv = self._run_layers(x, positions, mask, kv, span)
-        return self.final_norm(x), kv
+        x, kv, seen = self._run_layers(x, positions, mask, kv, span, select)
+        return self.final_norm(x), kv, seen
 
-    def _run_layers(self, x, positions, mask, kv, span):
+    def _run_layers(self, x, positions, mask, kv, span, select):
         cfg = self.config
         graphdef, state = nnx.split(self.layers)
         k_all, v_all, index = kv if kv is not None else (None, None, None)
@@ -256,16 +281,24 @@ class CausalLM(nnx.Module):
             return block(x, positions, mask, None if k is None else (k, v, index), span)
 
         layer = remat(layer, cfg.remat, prevent_cse=not cfg.scan_layers)
+        keep = (lambda x: None) if select is None else select  # what each layer's input leaves
         if cfg.scan_layers:
-            x, kv_out = jax.lax.scan(lambda c, xs: layer(c, *xs), x, (state, k_all, v_all))
+
+            def body(x, xs):
+                y, kv_i = layer(x, *xs)
+                return y, (kv_i, keep(x))
+
+            x, (kv_out, seen) = jax.lax.scan(body, x, (state, k_all, v_all))
         else:
-            outs = []
+            outs, seen = [], []
             for i in range(cfg.num_layers):
                 take = lambda a, i=i: None if a is None else a[i]
+                seen.append(keep(x))
                 x, kv_i = layer(x, jax.tree.map(take, state), take(k_all), take(v_all))
                 outs.append(kv_i)
             kv_out = None if kv is None else jax.tree.map(lambda *a: jnp.stack(a), *outs)
-        return x, kv_out
+            seen = None if select is None else jnp.stack(seen)
+        return x, kv_out, seen
 
 
 def _defaults(tokens, positions, segment_ids):
