@@ -201,18 +201,23 @@ def test_packed_layouts_give_the_padded_metrics(kind):
     from mipo_jax.data.embedded import load_tokenizer
     from mipo_jax.data.encoding import tokenize_records
     from mipo_jax.data.iterator import PreferenceIterator
-    from mipo_jax.data.packing import Layout
+    from mipo_jax.data.packing import Layout, unit_lengths
     from mipo_jax.data.tasks import sentiment
 
     records = sentiment.generate("controlled", 12, seed=3)
     tok = load_tokenizer("toy_words")
     data = tokenize_records(records, tok)
-    cfg = TINY.__class__(**{**TINY.__dict__, "vocab_size": max(len(tok), 16)})
+    # attention blocks of 8 tokens that read keys only within the longest unit: rows of 48
+    # hold several units, so blocks and span both cut work the mask would discard anyway
+    cfg = TINY.__class__(**{**TINY.__dict__, "vocab_size": max(len(tok), 16), "attention_block": 8})
     mesh = one_device_mesh()
     make = lambda s: lambda: CausalLM(cfg, rngs=nnx.Rngs(s))
     graph, policy, _ = st.create_params(make(0), mesh)
     _, ref, _ = st.create_params(make(1), mesh)
+    span = int(unit_lengths(data, kind).max())
+    assert span < 48
     spec = make_spec(graph, frozen(loss_config("reference")))
+    packed_spec = dataclasses.replace(spec, attention_span=span)
     it = PreferenceIterator(
         data, Layout(kind=kind, rows=2, row_length=48), seed=0, process_index=0, process_count=1
     )
@@ -221,8 +226,9 @@ def test_packed_layouts_give_the_padded_metrics(kind):
     packed.pop("ref_logps", None)
     rows = [int(np.nonzero(data.example_id == e)[0][0]) for e in ids.ravel() if e >= 0]
     padded = layout.padded_examples(data, rows, max_length=24, max_completion=8)
-    ev = jax.jit(functools.partial(sp.eval_step, spec=spec))
-    a, b = ev({"policy": policy}, packed, ref), ev({"policy": policy}, padded, ref)
+    ev = lambda spec: jax.jit(functools.partial(sp.eval_step, spec=spec))
+    a = ev(packed_spec)({"policy": policy}, packed, ref)
+    b = ev(spec)({"policy": policy}, padded, ref)
     assert float(a["rewards/accuracies"].count) == len(rows) > 2
     for k in a:
         np.testing.assert_allclose(a[k].value, b[k].value, rtol=1e-5, atol=1e-5, err_msg=k)
@@ -235,8 +241,31 @@ def test_step_data_batch_has_configured_groups():
 
     config = default.get_config()
     config.data.layout, config.data.groups = "pairs", 3
-    batch = next(StepData(config, "train"))
+    data = StepData(config, "train")
+    batch = next(data)
     assert all(v.shape[0] == 3 for v in batch.values()), {k: v.shape for k, v in batch.items()}
+
+
+def test_step_data_attention_span_bounds_every_batch():
+    """Packed: the span the step may rely on is the longest unit, and a batch that reached
+    further back (a packing bug) would stop the run instead of silently losing keys."""
+    from configs import default
+    from mipo_jax.data.packing import unit_lengths
+    from mipo_jax.models.masks import attention_span
+    from mipo_jax.train.data import StepData
+
+    config = default.get_config()
+    config.data.layout = "shared_prompt"
+    data = StepData(config, "train")
+    assert data.attention_span == int(unit_lengths(data.data, "shared_prompt").max())
+    batch = next(data)
+    reach = attention_span(batch["segment_ids"], batch["attend_to"])
+    assert 0 < reach <= data.attention_span < config.data.row_length
+    data.__dict__["attention_span"] = reach - 1  # pretend a shorter promise
+    with pytest.raises(RuntimeError, match="attends .* tokens back"):
+        next(data)
+    config.data.layout = "padded"
+    assert StepData(config, "train").attention_span is None
 
 
 def kto_batch(n=8, seed=0):

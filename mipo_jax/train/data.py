@@ -16,16 +16,18 @@ layout). It adds what a training run needs on top:
 """
 
 import copy
+import functools
 
 import jax
 import ml_collections as mlc
 import numpy as np
 
-from mipo_jax.data import to_global
+from mipo_jax.data import packing, to_global
 from mipo_jax.data.embedded import load_tokenizer
 from mipo_jax.data.iterator import PreferenceIterator
 from mipo_jax.data.load import Rows
 from mipo_jax.data.pipeline import layout_of, tokenize_split, tokenizer_name
+from mipo_jax.models.masks import attention_span
 
 HOST_ONLY = ("example_id",)
 
@@ -94,6 +96,16 @@ class StepData:
     def width(self) -> int:
         return self.iterator.width
 
+    @functools.cached_property
+    def attention_span(self) -> int | None:
+        """Packed layouts: the longest unit packed in a row, which bounds how far back any
+        token attends (the step's blocked attention skips keys further back); None when
+        padded (one sequence per row: the row length is the bound)."""
+        layout = self.iterator.layout
+        if not layout.packed:
+            return None
+        return int(packing.unit_lengths(self.data, layout.kind).max())
+
     @property
     def max_length(self) -> int:
         p, c = self.data.lengths()
@@ -104,6 +116,14 @@ class StepData:
 
     def __next__(self) -> dict:
         batch = next(self.iterator)  # already holds data.groups groups (packed layouts)
+        bound = self.attention_span
+        if bound is not None:  # a promise the step relies on; costs a pass over the ids
+            reach = attention_span(batch["segment_ids"], batch.get("attend_to"))
+            if reach > bound:
+                raise RuntimeError(
+                    f"a packed batch attends {reach} tokens back, more than its longest unit "
+                    f"({bound}); examples {sorted(set(batch['example_id'].ravel().tolist()))}"
+                )
         if self.cache is not None:
             batch = self.cache.attach(batch)
         elif not self.keep_dataset_ref:

@@ -141,6 +141,7 @@ def build(config, workdir: str, start: mdl.Built | None = None) -> Run:
         chunk_size=int(config.train.logps_chunk),
         mask_dropout=float(config.get("mask_net", {}).get("dropout", 0.0)),
         bos_id=int(policy.config.bos_token_id or 0),
+        attention_span=_attention_span(train_data, eval_data),
     )
     params = {"policy": policy.params, **{k: v[1] for k, v in extras.items()}}
     p_sh = {"policy": policy.shardings, **{k: v[2] for k, v in extras.items()}}
@@ -172,6 +173,13 @@ def build(config, workdir: str, start: mdl.Built | None = None) -> Run:
     if config.train.task_eval_prompts and config.data.source in task_eval.TASKS:
         run.task = task_eval.TaskEval(config.data.source, tokenizer, config.train.task_eval_prompts)
     return run
+
+
+def _attention_span(*datas) -> int | None:
+    """The step's bound on attention reach: the longest packed unit of any split (None if
+    a split is padded, whose rows hold one sequence each)."""
+    spans = [d.attention_span for d in datas if d is not None]
+    return None if None in spans else max(spans)
 
 
 def _count(params) -> str:
