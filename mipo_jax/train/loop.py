@@ -412,7 +412,7 @@ def _finish(run: Run, first_eval, final, seconds) -> dict:
     cfg, workdir = run.config, run.workdir
     policy = run.state.params["policy"]
     export = None
-    if cfg.export.hf and jax.process_count() >= 1:
+    if cfg.export.hf:  # every process takes part in the gathers; process 0 writes
         from mipo_jax.hf.export import save_pretrained
 
         export = os.path.join(workdir, "export")
