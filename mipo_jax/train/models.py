@@ -12,6 +12,7 @@ string recorded in checkpoints and exports (where the weights came from).
 """
 
 import dataclasses
+import logging
 
 import jax
 import jax.numpy as jnp
@@ -19,9 +20,10 @@ from flax import nnx
 
 from mipo_jax.models import CausalLM, ModelConfig
 from mipo_jax.train import state as st
-from mipo_jax.train.extras import MaskNet
+from mipo_jax.train.extras import SparseMasks
 
 POLICY_KEYS = ("compute_dtype", "param_dtype", "remat", "scan_layers")
+log = logging.getLogger("mipo_jax.train")
 
 
 def _policy_fields(m) -> dict:
@@ -110,9 +112,24 @@ def build_extras(config, policy: ModelConfig, mesh, seed: int) -> dict:
     """``{name: (graphdef, params, shardings)}`` of the modules trained with the policy."""
     out = {}
     if config.loss.prior.name == "sparse_masks":
-        independent = bool(config.mask_net.independent)
-        make = lambda: MaskNet(policy.hidden_size, independent, rngs=nnx.Rngs(seed + 1))
+        net = config.mask_net
+        make = lambda: SparseMasks(
+            policy.num_layers,
+            policy.hidden_size,
+            bool(net.independent),
+            eps=policy.norm_eps,
+            init_std=float(net.get("init_std", 0.02)),
+            rngs=nnx.Rngs(seed + 1),
+        )
         out["mask_net"] = st.create_params(make, mesh)
+        for name, p in out["mask_net"][1].items():
+            if p is not None and bool(jnp.all(p["mixer"] <= 0)):
+                log.warning(
+                    "mask_net.%s: every mixer weight is <= 0, so its masks are 0 at every token "
+                    "and get no gradient (the original's N(0, σ) init does this with "
+                    "probability 2^-num_layers); change seed",
+                    name,
+                )
     if config.loss.prior.name == "learned":
         prior_cfg = dataclasses.replace(policy, num_layers=int(config.prior_model.num_layers))
         make = lambda: CausalLM(prior_cfg, rngs=nnx.Rngs(seed + 2))

@@ -72,14 +72,24 @@ def _pairs(x: jax.Array) -> jax.Array:
     return x.reshape(-1, *x.shape[2:])
 
 
-def hidden_at_slots(model, batch, prefix: str = "", span: int | None = None) -> jax.Array:
+def hidden_at_slots(
+    model, batch, prefix: str = "", span: int | None = None, all_layers: bool = False
+) -> jax.Array:
     """Final hidden states at each slot's predecessor: ``[G·P, 2, C, D]``.
 
     ``span``: a bound on the rows' attention reach (`CausalLM.hidden`), e.g. the longest
-    packed unit; blocked attention then skips the key blocks beyond it.
+    packed unit; blocked attention then skips the key blocks beyond it. ``all_layers``:
+    every layer's instead, ``[L+1, G·P, 2, C, D]`` (`CausalLM.hidden`; the last entry is
+    the default's), each gathered at the slots inside the layer loop.
     """
     tokens = batch[prefix + "tokens"]
     g, k, t = tokens.shape
+    idx = batch[prefix + "pred_index"]
+
+    def at_slots(h):
+        h = jnp.take_along_axis(h.reshape(g, k * t, -1), idx.reshape(g, -1, 1), axis=1)
+        return h.reshape(-1, *idx.shape[2:], h.shape[-1])
+
     attend = batch.get(prefix + "attend_to")
     h = model.hidden(
         _rows(tokens),
@@ -87,17 +97,20 @@ def hidden_at_slots(model, batch, prefix: str = "", span: int | None = None) -> 
         _rows(batch[prefix + "segment_ids"]),
         attend_to=None if attend is None else _rows(attend),
         span=span,
+        all_layers=all_layers,
+        select=at_slots if all_layers else None,
     )
-    idx = batch[prefix + "pred_index"]
-    h = jnp.take_along_axis(h.reshape(g, k * t, -1), idx.reshape(g, -1, 1), axis=1)
-    return h.reshape(-1, *idx.shape[2:], h.shape[-1])
+    return h if all_layers else at_slots(h)
 
 
-def _reference(spec: StepSpec, ref_params, batch):
-    """(hidden at slots, unembedding) of the live reference, both without gradient."""
+def _reference(spec: StepSpec, ref_params, batch, all_layers: bool = False):
+    """(hidden at slots, unembedding, every layer's hidden at slots or None) of the live
+    reference, all without gradient."""
     ref = nnx.merge(spec.ref_graph, ref_params)
-    h = hidden_at_slots(ref, batch, span=spec.attention_span)
-    return jax.lax.stop_gradient(h), jax.lax.stop_gradient(ref.unembed_weight())
+    h = hidden_at_slots(ref, batch, span=spec.attention_span, all_layers=all_layers)
+    h, layers = (h[-1], h) if all_layers else (h, None)
+    sg = jax.lax.stop_gradient
+    return sg(h), sg(ref.unembed_weight()), None if layers is None else sg(layers)
 
 
 def token_inputs(params, ref_params, batch, rng, spec: StepSpec) -> TokenInputs:
@@ -107,7 +120,12 @@ def token_inputs(params, ref_params, batch, rng, spec: StepSpec) -> TokenInputs:
     h, w = hidden_at_slots(policy, batch, span=spec.attention_span), policy.unembed_weight()
     targets = _pairs(batch["targets"])
     live = spec.ref_graph is not None
-    ref_h, ref_w = _reference(spec, ref_params, batch) if live else (None, None)
+    need_masks = "mask_u" in fields
+    if need_masks and not live:
+        raise ValueError("SparsePO's mask network reads the reference: use a live reference")
+    ref_h, ref_w, ref_layers = (
+        _reference(spec, ref_params, batch, need_masks) if live else (None,) * 3
+    )
     need_kl = "kl" in fields
     if need_kl and not live:
         raise ValueError("the loss needs the per-token KL to the reference: use a live reference")
@@ -136,11 +154,9 @@ def token_inputs(params, ref_params, batch, rng, spec: StepSpec) -> TokenInputs:
         extra["logsumsq"] = stats.logsumsq
     if "token_weights" in fields:
         extra["token_weights"] = _pairs(batch["token_weights"])
-    if "mask_u" in fields:
-        if not live:
-            raise ValueError("SparsePO's mask network reads the reference: use a live reference")
+    if need_masks:  # the net reads layers 1..L (HEBO SparsePO's `reference_states[1:]`)
         net = nnx.merge(spec.graph("mask_net"), params["mask_net"])
-        extra["mask_u"], mask_d = net(ref_h, rng, spec.mask_dropout)
+        extra["mask_u"], mask_d = net(ref_layers[1:], rng, spec.mask_dropout)
         if mask_d is not None:
             extra["mask_d"] = mask_d
     if "prior" in fields:
