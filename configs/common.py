@@ -95,6 +95,7 @@ def add_run_sections(config: mlc.ConfigDict) -> None:
             compute_dtype="bfloat16",  # matmul dtype; log-probs and losses run in float32
             remat="none",  # none | full | dots_saveable | dots_with_no_batch_dims_saveable
             scan_layers=True,
+            attention_block=128,  # queries per attention block (0 = one block); see README
         )
     )
     config.data = data_config(max_length=512)  # see mipo_jax.data.pipeline.data_config

@@ -1,17 +1,24 @@
 """Train-step throughput and MFU on this CPU: live vs cached reference, padded vs packed.
 
-A Llama-family model (default: D = 384, 6 layers, F = 1024, 6 heads, V = 8192; 10.6M
-non-embedding parameters N) runs the real jitted DPO train step (`mipo_jax.train.step`:
-policy forward + backward through the chunked log-prob path, AdamW update, and a live
-reference forward or cached reference log-probs) over the same synthetic preference pairs
-in three batch layouts of `mipo_jax.data` (padded pair axis at T = 512, pair packing and
-shared-prompt packing into rows of 512 tokens):
+A Llama-family model (default: D = 768, 4 layers, F = 2048, 6 heads of 128, V = 8192,
+untied; N = 28.3M non-embedding parameters) runs the real jitted DPO train step
+(`mipo_jax.train.step`: policy forward + backward through the chunked log-prob path, AdamW
+update, and a live reference forward or cached reference log-probs) over the same synthetic
+preference pairs in three batch layouts of `mipo_jax.data` (padded pair axis at T = 512,
+pair packing and shared-prompt packing into rows of 1024 tokens, 2 rows per step):
 
 * model FLOPs per step = (6·N + 2·N if the reference is live) × real (non-pad) tokens of the
   rows; padding is not useful work. Attention score FLOPs and the vocabulary projection are
   not counted (the usual 6·N convention; N excludes embeddings).
 * MFU = model FLOP rate / the f32 matmul peak measured in the same process (median of
   2048² matmuls between the steps: the machine's practical peak).
+* "+attn+head" adds the useful work the 6·N convention leaves out: attention (QKᵀ and PV,
+  4·D FLOPs per visible query-key pair and layer, ×3 forward + backward, ×1 more for a live
+  reference) over the pairs the mask allows, and the vocabulary projection at completion
+  tokens (2·D·V per token: ×4 for the policy, whose chunked backward recomputes the logits,
+  ×1 for a live reference). Its utilisation shows how much of the gap is uncounted work.
+* Packed modes pass the longest packed unit as the attention span, so the blocked attention
+  (`ModelConfig.attention_block`) skips key blocks no query can see.
 * pairs/s = real pairs / time; tokens/s = real row tokens / time.
 * memory: peak RSS of the process (each mode runs in its own subprocess) and XLA's
   compiled memory (arguments + outputs + temporaries − aliased) of the step.
@@ -52,7 +59,7 @@ def _parse(argv=None):
     p.add_argument("--width", type=int, default=768)
     p.add_argument("--layers", type=int, default=4)
     p.add_argument("--ffw", type=int, default=2048)
-    p.add_argument("--heads", type=int, default=12)
+    p.add_argument("--heads", type=int, default=6, help="head_dim = width / heads")
     p.add_argument("--vocab", type=int, default=8192)
     p.add_argument("--seq", type=int, default=512, help="T: padded row length (pair axis)")
     p.add_argument("--packed-row", type=int, default=1024, help="row length of packed layouts")
@@ -63,8 +70,15 @@ def _parse(argv=None):
     p.add_argument("--prompt", type=int, nargs=2, default=[100, 220], help="prompt length range")
     p.add_argument("--completion", type=int, nargs=2, default=[40, 140], help="completion range")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    p.add_argument("--block", type=int, default=128, help="attention_block (0 = one block)")
+    p.add_argument("--no-span", action="store_true", help="packed: no attention span")
     p.add_argument("--modes", nargs="*", default=list(MODES), choices=MODES)
     p.add_argument("--json", help="also write the rows to this JSON file")
+    p.add_argument(
+        "--trunk", type=int, nargs=2, metavar=("ROWS", "T"),
+        help="instead: time only the model trunk, grad of sum(hidden**2) over ROWS x T "
+        "unpadded random tokens (no head, loss or optimiser), and print its MFU",
+    )  # fmt: skip
     p.add_argument("--child", help=argparse.SUPPRESS)
     return p.parse_args(argv)
 
@@ -113,6 +127,7 @@ def synthetic_pairs(args):
 
 def batches(args, layout: str):
     """Every batch of one epoch over the pairs, in ``layout`` (fixed shapes)."""
+    from mipo_jax.data import packing
     from mipo_jax.data.iterator import PreferenceIterator
     from mipo_jax.data.packing import Layout
 
@@ -132,7 +147,21 @@ def batches(args, layout: str):
         b.pop("example_id", None)
         b.pop("ref_logps", None)
         out.append(b)
-    return out
+    span = None
+    if layout != "padded" and not args.no_span:  # the longest unit a row packs
+        span = int(packing.unit_lengths(data, lay.kind).max())
+    return out, span
+
+
+def work_flops(args, batch: dict, live: bool) -> float:
+    """Attention (visible query-key pairs) and vocabulary-projection FLOPs of one step."""
+    from mipo_jax.data.batch import attention_mask
+
+    pairs_visible = float(np.asarray(attention_mask(batch)).sum())
+    attn = 4 * args.width * args.layers * pairs_visible * (3 + live)
+    completion = float(np.asarray(batch["mask"]).sum())
+    head = 2 * args.width * args.vocab * completion * (4 + live)
+    return attn + head
 
 
 def non_embedding_params(params) -> int:
@@ -159,6 +188,7 @@ def build_mode(args, mode: str, params, graph, n_params: int) -> dict:
     from mipo_jax.train import step as sp
 
     layout, ref = mode.split("-")
+    todo, span = batches(args, layout)
     loss = mlc.FrozenConfigDict(loss_config("reference"))
     opt = mlc.ConfigDict(
         dict(name="adamw", learning_rate=1e-5, warmup_steps=0, schedule="constant")
@@ -167,9 +197,8 @@ def build_mode(args, mode: str, params, graph, n_params: int) -> dict:
     live = ref == "live"
     spec = sp.StepSpec(
         graphs=(("policy", graph),), ref_graph=graph if live else None, loss=loss, tx=tx, lr=lr,
-        fields=frozenset({"reference"}), chunk_size=256,
+        fields=frozenset({"reference"}), chunk_size=256, attention_span=span,
     )  # fmt: skip
-    todo = batches(args, layout)
     if not live:
         for b in todo:  # cached log-probs (their values do not change the timing)
             b["ref_logps"] = np.zeros(b["targets"].shape, np.float32)
@@ -184,14 +213,16 @@ def build_mode(args, mode: str, params, graph, n_params: int) -> dict:
             mem.argument_size_in_bytes + mem.output_size_in_bytes + mem.temp_size_in_bytes
             - mem.alias_size_in_bytes
         ) / GIB  # fmt: skip
-    state, m = step(state, todo[0], ref_params)  # warm-up
-    jax.block_until_ready(m)
+    for _ in range(2):  # warm-up; the second call compiles again for the donated outputs
+        state, m = step(state, todo[0], ref_params)
+        jax.block_until_ready(m)
     tokens = sum(int((b["segment_ids"] > 0).sum()) for b in todo)
     return dict(
         mode=mode, step=step, state=state, ref=ref_params, batches=todo, live=live,
         steps=len(todo), pairs=sum(int(b["pair_valid"].sum()) for b in todo), tokens=tokens,
         row_tokens=sum(int(b["segment_ids"].size) for b in todo), xla_gib=xla,
-        flops=(6 + (2 if live else 0)) * n_params * tokens, wall=0.0, cpu=0.0,
+        flops=(6 + (2 if live else 0)) * n_params * tokens, wall=0.0, cpu=0.0, span=span,
+        work=sum(work_flops(args, b, live) for b in todo),
     )  # fmt: skip
 
 
@@ -208,7 +239,7 @@ def model(args):
         intermediate_size=args.ffw, num_layers=args.layers, num_heads=args.heads,
         num_kv_heads=args.heads, head_dim=args.width // args.heads,
         max_position_embeddings=max(args.seq, args.packed_row), tie_embeddings=False,
-        compute_dtype=args.dtype,
+        compute_dtype=args.dtype, attention_block=args.block,
     )  # fmt: skip
     mesh = make_mesh((1, 1, 1), devices=jax.devices()[:1])
     graph, params, _ = st.create_params(lambda: CausalLM(cfg, rngs=nnx.Rngs(0)), mesh)
@@ -246,7 +277,8 @@ def run_interleaved(args) -> list[dict]:
                 cpu_s_per_pair=cpu / m["pairs"], gflops_wall=f / wall / 1e9,
                 gflops_per_cpu_s=f / cpu / 1e9, peak_wall=peak_wall, peak_per_cpu_s=peak_cpu,
                 mfu_wall=f / wall / 1e9 / peak_wall, mfu_cpu=f / cpu / 1e9 / peak_cpu,
-                xla_gib=m["xla_gib"],
+                xla_gib=m["xla_gib"], span=m["span"],
+                hfu_cpu=(f + m["work"]) / cpu / 1e9 / peak_cpu,
             )
         )  # fmt: skip
     return rows
@@ -268,7 +300,8 @@ def table(rows: list[dict]) -> str:
     base = next((r for r in rows if r["mode"] == "padded-live"), None)
     head = (
         "| mode | steps | pairs/s | tokens/s | non-pad | GFLOP/s | MFU (wall) | MFU (CPU) | "
-        "× padded-live (wall) | × padded-live (CPU) | peak RSS GiB | XLA GiB |"
+        "+attn+head (CPU) | × padded-live (wall) | × padded-live (CPU) | peak RSS GiB | "
+        "XLA GiB | span |"
     )
     peak = rows[0]
     lines = [
@@ -276,7 +309,7 @@ def table(rows: list[dict]) -> str:
         f"{peak['peak_wall']:.1f} GFLOP/s (wall), {peak['peak_per_cpu_s']:.1f} GFLOP/CPU-second",
         "",
         head,
-        "|" + "---|" * 12,
+        "|" + "---|" * 14,
     ]
     for r in rows:
         speed = f"{r['pairs_per_s'] / base['pairs_per_s']:.2f}" if base else "n/a"
@@ -286,7 +319,8 @@ def table(rows: list[dict]) -> str:
         lines.append(
             f"| {r['mode']} | {r['steps']} | {r['pairs_per_s']:.3f} | {r['tokens_per_s']:.0f} | "
             f"{r['non_pad']:.2f} | {r['gflops_wall']:.1f} | {r['mfu_wall']:.0%} | "
-            f"{r['mfu_cpu']:.0%} | {speed} | {speed_cpu} | {rss} | {xla} |"
+            f"{r['mfu_cpu']:.0%} | {r['hfu_cpu']:.0%} | {speed} | {speed_cpu} | {rss} | {xla} | "
+            f"{r['span'] or '-'} |"
         )
     return "\n".join(lines)
 
@@ -305,8 +339,41 @@ def _passthrough(argv: list[str]) -> list[str]:
     return out
 
 
+def trunk_only(args) -> None:
+    """MFU of the model alone: forward + backward of the trunk on full rows (6·N per token)."""
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+
+    graph, params, n = model(args)
+    rows, t = args.trunk
+    tokens = jax.random.randint(jax.random.key(1), (rows, t), 0, args.vocab)
+
+    def loss(p):
+        h = nnx.merge(graph, p).hidden(tokens)
+        return jnp.sum(h * h)
+
+    grad = jax.jit(jax.grad(loss))
+    jax.block_until_ready(grad(params))
+    walls, peaks = [], []
+    for _ in range(3):
+        t0 = time.perf_counter()
+        jax.block_until_ready(grad(params))
+        walls.append(time.perf_counter() - t0)
+        peaks.append(matmul_peak()[0])
+    rate = 6 * n * rows * t / min(walls) / 1e9
+    peak = statistics.median(peaks)
+    print(
+        f"trunk {rows}x{t}: N = {n / 1e6:.1f}M, {min(walls):.2f} s, {rate:.1f} GFLOP/s, "
+        f"matmul peak {peak:.1f} GFLOP/s, MFU {rate / peak:.0%}"
+    )
+
+
 def main(argv=None):
     args = _parse(argv)
+    if args.trunk:
+        trunk_only(args)
+        return
     if args.child:
         print(json.dumps({"rss_gib": peak_rss(args, args.child)}))
         return

@@ -125,7 +125,8 @@ def load_pretrained(
       source: a `CheckpointSource` or a folder path (see `SafetensorsSource`).
       mesh: target mesh; None puts everything on the default device.
       rules: logical-axis rules (default `mipo_jax.sharding.RULES`).
-      **policy: `ModelConfig` runtime fields (param_dtype, compute_dtype, remat, scan_layers).
+      **policy: `ModelConfig` runtime fields (param_dtype, compute_dtype, remat, scan_layers,
+        attention_block).
     """
     if not isinstance(source, CheckpointSource):
         source = SafetensorsSource(source)

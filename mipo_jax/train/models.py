@@ -22,12 +22,12 @@ from mipo_jax.models import CausalLM, ModelConfig
 from mipo_jax.train import state as st
 from mipo_jax.train.extras import SparseMasks
 
-POLICY_KEYS = ("compute_dtype", "param_dtype", "remat", "scan_layers")
+POLICY_KEYS = ("compute_dtype", "param_dtype", "remat", "scan_layers", "attention_block")
 log = logging.getLogger("mipo_jax.train")
 
 
 def _policy_fields(m) -> dict:
-    return {k: m[k] for k in POLICY_KEYS}
+    return {k: m[k] for k in POLICY_KEYS if k in m}  # configs older than a key: default
 
 
 def random_config(m, tokenizer) -> ModelConfig:
