@@ -65,10 +65,10 @@ def dot_product_attention(
     query: the caller guarantees no query sees a key more than ``span - 1`` places back
     (packed rows: the longest packed unit). The result equals the unblocked one; the work on
     the score matrix drops from T² to about T·(block + min(T, span)) / 2 for causal rows.
-    Softmax normalisation is deferred to the ``[T, K]`` output (scores are exponentiated
-    after subtracting their row maximum; the sum divides ``e @ v``), which saves a pass over
-    the ``[T, S]`` probabilities forward and backward. Scores, the exponentials and their sums
-    are float32; ``e`` enters the value matmul in v's dtype.
+    Scores and the softmax are float32 (float64 for float64 inputs); the probabilities are
+    normalised before the value matmul, in v's dtype, as transformers computes them
+    (normalising the ``[T, K]`` output instead saves a pass over the probabilities but moved
+    SmolLM2's float32 logits past 1e-4 of transformers').
     """
     b, t, h, d = q.shape
     n = k.shape[2]
@@ -84,11 +84,11 @@ def dot_product_attention(
         )
         visible = mask[:, None, None, lo:hi, k_lo:k_hi]
         scores = jnp.where(visible, scores * scale, jnp.finfo(acc).min)
-        e = jnp.exp(scores - jax.lax.stop_gradient(jnp.max(scores, axis=-1, keepdims=True)))
+        probs = jax.nn.softmax(scores, axis=-1)  # normalised before PV, as transformers does
         out = jnp.einsum(
-            "bngts,bsnk->bngtk", e.astype(v.dtype), v[:, k_lo:k_hi], preferred_element_type=acc,
-        )  # fmt: skip
-        outs.append(out / jnp.sum(e, axis=-1, keepdims=True))
+            "bngts,bsnk->bngtk", probs.astype(v.dtype), v[:, k_lo:k_hi], preferred_element_type=acc
+        )
+        outs.append(out)
     out = outs[0] if len(outs) == 1 else jnp.concatenate(outs, axis=3)
     return out.transpose(0, 3, 1, 2, 4).reshape(b, t, h, d).astype(v.dtype)
 
