@@ -22,7 +22,7 @@ import jax
 import ml_collections as mlc
 import numpy as np
 
-from mipo_jax.data import packing, to_global
+from mipo_jax.data import to_global
 from mipo_jax.data.embedded import load_tokenizer
 from mipo_jax.data.iterator import PreferenceIterator
 from mipo_jax.data.load import Rows
@@ -104,7 +104,7 @@ class StepData:
         layout = self.iterator.layout
         if not layout.packed:
             return None
-        return int(packing.unit_lengths(self.data, layout.kind).max())
+        return int(self.iterator.units.max())  # the iterator's unit lengths, per layout
 
     @property
     def max_length(self) -> int:
