@@ -1,8 +1,8 @@
 """Every algorithm's ORIGINAL loss, in float64 NumPy, written from spec §2 in its own form.
 
 Nothing here goes through a prior and nothing imports ``mipo_jax``: these are the formulas as
-the papers and their reference code write them, so that ``tests/test_equivalence.py`` can check
-that MI-DPO with the mapped prior reproduces them.
+the papers and their reference code write them, so that
+``tests/losses/test_equivalence.py`` can check that MI-DPO with the mapped prior reproduces them.
 
 Inputs (any leading axes ``...`` are carried through, which is how
 :func:`tests.reference.complex_step.grad` evaluates all perturbations in one call):

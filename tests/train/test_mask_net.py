@@ -20,7 +20,7 @@ from mipo_jax.losses import loss_config
 from mipo_jax.train import state as st
 from mipo_jax.train import step as sp
 from mipo_jax.train.extras import SparseMasks
-from tests.test_train_step import (  # noqa: F401 (fast_compile: an autouse fixture)
+from tests.train.test_step import (  # noqa: F401 (fast_compile: an autouse fixture)
     TINY,
     fast_compile,
     make_spec,

@@ -11,7 +11,7 @@ import pytest
 
 from mipo_jax.losses import loss_config, mipo_loss, validate
 from mipo_jax.types import TokenInputs
-from tests import derivations_util as U
+from tests.derivations import util as U
 
 BETA = 0.5  # DPO β (= our alpha); the regularised objective is E r − β KL (spec §3.1)
 OPT_TOL = 1e-6  # spec §3.1: numerical optimisation must reach the closed form to 1e-6

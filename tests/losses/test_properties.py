@@ -19,7 +19,7 @@ from mipo_jax.losses.links import LINKS
 from mipo_jax.metrics import merge
 from mipo_jax.priors import PRIORS
 from mipo_jax.types import TokenInputs
-from tests import derivations_util as U
+from tests.derivations import util as U
 
 SETTINGS = settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 HEAVY = settings(SETTINGS, max_examples=20)  # many distinct configurations per example

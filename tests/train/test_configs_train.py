@@ -10,7 +10,7 @@ import pytest
 
 from mipo_jax.train.loop import train
 
-CONFIG_DIR = pathlib.Path(__file__).resolve().parents[1] / "configs"
+CONFIG_DIR = pathlib.Path(__file__).resolve().parents[2] / "configs"
 NAMES = sorted(p.stem for p in CONFIG_DIR.glob("*.py") if p.stem not in ("__init__", "common"))
 
 

@@ -4,7 +4,7 @@ Each process yields its block of every global batch and builds global arrays wit
 ``jax.make_array_from_process_local_data``; the global batches are exactly those of one
 process with twice the per-process batch. Also runnable as the worker:
 
-    python -m tests.test_data_multiprocess worker OUT.json   (MIPO_* env set)
+    python -m tests.data.test_multiprocess worker OUT.json   (MIPO_* env set)
 """
 
 import hashlib
@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 LAYOUTS = {
     "padded": dict(layout="padded", batch_size=4, bucket_window=2),
     "shared_prompt": dict(layout="shared_prompt", rows=2, groups=2, row_length=48),
@@ -106,7 +106,7 @@ def results(tmp_path_factory):
         cmd = [
             sys.executable,
             "-m",
-            "tests.test_data_multiprocess",
+            "tests.data.test_multiprocess",
             "worker",
             str(tmp / f"{p}.json"),
         ]

@@ -14,7 +14,7 @@ from mipo_jax.checkpoint import PreemptionGuard
 from mipo_jax.train import loop
 from mipo_jax.train.refcache import ReferenceCache, weights_hash
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 @pytest.fixture(autouse=True)

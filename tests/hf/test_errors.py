@@ -9,7 +9,7 @@ from mipo_jax.hf.export import write_safetensors
 from mipo_jax.hf.load import CheckpointError, load_pretrained
 from mipo_jax.hf.safetensors import SafetensorsSource
 from mipo_jax.models import ModelConfig, UnsupportedConfigError
-from tests.test_hf_load import save_tiny
+from tests.hf.test_load import save_tiny
 
 Q = "model.layers.1.self_attn.q_proj.weight"
 

@@ -10,7 +10,7 @@ from jax.sharding import PartitionSpec as P
 
 from mipo_jax.hf.load import load_pretrained, param_table
 from mipo_jax.sharding import RULES, fill_sizes, logical_to_spec, make_mesh, use_rules
-from tests.test_hf_load import _BASE, randomise
+from tests.hf.test_load import _BASE, randomise
 
 MESHES = {
     "dp": (8, 1, 1),

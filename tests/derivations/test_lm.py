@@ -14,7 +14,7 @@ from mipo_jax.losses import loss_config, mipo_loss, validate
 from mipo_jax.losses.logps import token_kl, token_logps
 from mipo_jax.priors import PRIORS, seq_sum
 from mipo_jax.types import TokenInputs
-from tests import derivations_util as U
+from tests.derivations import util as U
 
 ID_TOL = 1e-12
 N_X = 2  # prompts

@@ -12,7 +12,7 @@ import pytest
 
 from mipo_jax.losses import loss_config, mipo_loss, validate
 from mipo_jax.types import TokenInputs
-from tests import derivations_util as U
+from tests.derivations import util as U
 
 BETA_MI = 3.0
 ALPHA = 1.0 / BETA_MI

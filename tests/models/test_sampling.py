@@ -9,7 +9,7 @@ from transformers.generation.logits_process import TopKLogitsWarper, TopPLogitsW
 
 from mipo_jax.hf.load import load_pretrained
 from mipo_jax.models.sampling import filter_logits, generate, left_pad
-from tests.test_hf_load import save_tiny
+from tests.hf.test_load import save_tiny
 
 PROMPTS = [[5, 6, 7, 8, 9, 10, 11, 12, 13], [12, 13], [20, 21, 22, 23]]
 NEW = 12

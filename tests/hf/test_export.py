@@ -8,7 +8,7 @@ import transformers
 from mipo_jax.hf.export import save_pretrained
 from mipo_jax.hf.load import load_pretrained, param_table
 from mipo_jax.hf.safetensors import SafetensorsSource
-from tests.test_hf_load import FAMILIES, padded_batch, save_tiny, torch_logits
+from tests.hf.test_load import FAMILIES, padded_batch, save_tiny, torch_logits
 
 
 @pytest.mark.parametrize("family", sorted(FAMILIES))
@@ -68,7 +68,7 @@ def test_bfloat16_export(tmp_path):
 def test_exported_model_generates_the_same_text(tmp_path):
     """transformers' greedy generate on our export equals our greedy generate."""
     from mipo_jax.models.sampling import generate
-    from tests.test_sampling import PROMPTS, _hf_greedy
+    from tests.models.test_sampling import PROMPTS, _hf_greedy
 
     save_tiny("llama3", tmp_path / "in", seed=4)
     model = load_pretrained(tmp_path / "in")
