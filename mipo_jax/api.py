@@ -1,0 +1,50 @@
+"""The Python entry points: build a config from an algorithm's name, and run it.
+
+    import mipo_jax
+
+    config = mipo_jax.get_config("simpo", tiny=True)      # configs/simpo.py:tiny
+    config.train.num_steps = 20
+    summary = mipo_jax.run(config, "runs/simpo")           # same as python -m mipo_jax.main
+
+``run`` is exactly what ``python -m mipo_jax.main`` does after parsing its flags: validate the
+config, then train (every stage the config asks for), resuming from ``workdir`` if it holds
+checkpoints, and return the summary that is also written to ``workdir/summary.json``.
+"""
+
+import importlib
+import os
+
+
+def get_config(name: str, arg: str | None = None, **args):
+    """``configs/<name>.py``'s config; ``arg`` and keyword ``args`` as after the colon.
+
+    ``get_config("tdpo", variant="tdpo1", tiny=True)`` equals
+    ``--config=configs/tdpo.py:variant=tdpo1,tiny``.
+    """
+    items = [arg] if arg else []
+    for key, value in args.items():
+        if value is True:
+            items.append(key)
+        elif value is not False:
+            items.append(f"{key}={value}")
+    try:
+        module = importlib.import_module(f"configs.{name}")
+    except ModuleNotFoundError as err:
+        if err.name != f"configs.{name}":
+            raise
+        from configs import names
+
+        raise ValueError(
+            f"unknown algorithm {name!r}; choose one of: {', '.join(names())}"
+        ) from None
+    return module.get_config(",".join(items) or None)
+
+
+def run(config, workdir: str) -> dict:
+    """Validate ``config`` and train it in ``workdir`` (resuming); returns the summary."""
+    from mipo_jax.train import checks
+
+    checks.validate(config)
+    from mipo_jax.train.loop import train
+
+    return train(config, os.path.abspath(workdir))
