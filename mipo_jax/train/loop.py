@@ -187,6 +187,11 @@ def _count(params) -> str:
     return f"{n / 1e6:.2f}M parameters"
 
 
+def _sft_export(config, workdir: str) -> str | None:
+    """The SFT stage's HF folder (the run's reference), when the config has an SFT stage."""
+    return sft.export_dir(workdir) if config.sft.steps else None
+
+
 def _maybe_sft(config, workdir, policy, tokenizer, mesh, batch_sharding, train_data):
     """Run (or reload) the SFT stage; its result is the policy's start and the reference."""
     if not config.sft.steps:
@@ -431,6 +436,7 @@ def _finish(run: Run, first_eval, final, seconds) -> dict:
         "seconds": round(seconds, 1),
         "skipped_steps": int(jax.device_get(run.state.skipped)),
         "reference": {"mode": cfg.reference.mode, "source": run.reference_source},
+        "sft_export": _sft_export(cfg, workdir),
         "eval_before": first_eval,
         "eval_after": final,
         "metrics": os.path.join(workdir, "metrics.jsonl"),
