@@ -23,11 +23,10 @@ venv-dev: $(VENV)/.dev
 demo: $(VENV)/.runtime          ## set-up plus the main job on the embedded defaults
 	$(PY) -m mipo_jax.demo
 
-test: $(VENV)/.dev              ## set-up plus lint plus the whole suite
-	$(VENV)/bin/ruff check .
+test: lint                      ## set-up plus lint plus the whole suite
 	$(PY) -m pytest -q tests
 
-lint: $(VENV)/.dev
+lint: $(VENV)/.dev              ## ruff check + ruff format --check (code and README snippets)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 

@@ -45,6 +45,6 @@ def run(config, workdir: str) -> dict:
     from mipo_jax.train import checks
 
     checks.validate(config)
-    from mipo_jax.train.loop import train
+    from mipo_jax.train import stages
 
-    return train(config, os.path.abspath(workdir))
+    return stages.run(config, os.path.abspath(workdir))

@@ -83,7 +83,7 @@ def main(argv):
 
     checks.validate(config)
     workdir = _WORKDIR.value or os.path.join("runs", time.strftime("demo-%Y%m%d-%H%M%S"))
-    from mipo_jax.train.loop import train
+    from mipo_jax.train.stages import run as train
 
     summary = train(config, os.path.abspath(workdir))
     baselines = None

@@ -56,7 +56,7 @@ def main(argv):
     import jax
 
     jax.config.update("jax_threefry_partitionable", True)
-    from mipo_jax.train.loop import train
+    from mipo_jax.train.stages import run as train
 
     summary = train(config, os.path.abspath(_WORKDIR.value))
     if jax.process_index() == 0:

@@ -7,7 +7,6 @@ Shape legend (jaxtyping dimension names used across the package):
 The pair axis has size 2: index 0 is the chosen response y_w, index 1 the rejected y_l.
 """
 
-
 import jax.numpy as jnp
 from flax import struct
 from jaxtyping import Array, Float

@@ -10,7 +10,9 @@ from mipo_jax.models.config import DTYPES, FAMILIES, REMAT_POLICIES
 from mipo_jax.train.optim import OPTIMIZERS, SCHEDULES
 
 REFERENCE_MODES = ("live", "cached", "dataset")
-OBJECTIVES = ("paired", "unpaired")
+OBJECTIVES = ("paired", "unpaired", "sft")
+TOKEN_WEIGHT_TRANSFORMS = ("binary", "rank_based", "threshold_and_scale")
+TOKEN_WEIGHT_SOURCES = ("dpo", "sft", "folders")
 
 
 def _choice(key: str, value, allowed) -> None:
@@ -28,7 +30,7 @@ def validate(config) -> None:
     _choice("objective", config.objective, OBJECTIVES)
     if config.objective == "paired":
         validate_loss(config.loss)
-    else:
+    elif config.objective == "unpaired":
         _choice("kto.loss_type", config.kto.loss_type, ("kto", "apo_zero_unpaired"))
     _choice("optim.name", config.optim.name, OPTIMIZERS)
     _choice("optim.schedule", config.optim.schedule, SCHEDULES)
@@ -61,9 +63,24 @@ def validate(config) -> None:
     _check(config.checkpoint.keep >= 1, "checkpoint.keep", config.checkpoint.keep, ">= 1")
     _check_algorithm_state(config)
     if "token_weights" in config:
-        from mipo_jax.train import token_weights
+        _check_token_weights(config.token_weights)
 
-        token_weights.validate(config)
+
+def _check_token_weights(tw) -> None:
+    """The ``token_weights`` section of TIS-DPO."""
+    _choice("token_weights.transform", tw.transform, TOKEN_WEIGHT_TRANSFORMS)
+    _choice("token_weights.source", tw.source, TOKEN_WEIGHT_SOURCES)
+    if tw.transform == "binary":
+        return
+    if tw.source == "folders" and not (tw.positive and tw.negative):
+        raise ValueError(
+            "token_weights.source='folders' needs token_weights.positive and .negative (HF "
+            "folders of π⁺ and π⁻); without them every weight would be 1 (plain DPO). Use "
+            "source='dpo' or 'sft' to train them here, or transform='binary' for DPO's weights"
+        )
+    for key in ("steps", "learning_rate", "beta"):
+        if tw[key] < 0:
+            raise ValueError(f"token_weights.{key}={tw[key]!r} must be >= 0 (0: the default)")
 
 
 def _check_algorithm_state(config) -> None:

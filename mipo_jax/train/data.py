@@ -8,7 +8,8 @@ layout). It adds what a training run needs on top:
   packed layouts ``config.data.groups`` packed groups per step and process. The global batches
   depend on the global batch only, so runs with 1 or N processes train on the same data;
 * KTO on a paired set: each pair becomes a desirable (chosen) and an undesirable (rejected)
-  row, as TRL's ``unpair_preference_dataset`` does;
+  row, as TRL's ``unpair_preference_dataset`` does; SFT (``objective='sft'``) on a paired
+  set trains on the chosen responses;
 * which reference log-probs reach the step: the dataset's own columns only with
   ``reference.mode = "dataset"``, the on-disk cache with ``"cached"``;
 * a global iterator state (the same on every process) for checkpoints; it resumes in a run
@@ -16,6 +17,7 @@ layout). It adds what a training run needs on top:
 """
 
 import copy
+import dataclasses
 import functools
 
 import jax
@@ -62,19 +64,29 @@ def data_section(config, split: str) -> mlc.ConfigDict:
     return d
 
 
-def tokenize(d: mlc.ConfigDict, tokenizer, *, unpaired: bool):
-    """The tokenised split described by ``d`` (all of it: every process holds every row)."""
+def tokenize(d: mlc.ConfigDict, tokenizer, *, objective: str, rows: Rows | None = None):
+    """The tokenised split described by ``d`` (all of it: every process holds every row);
+    ``rows`` replaces the rows of ``d.source`` (in-memory data)."""
 
-    def transform(rows: Rows) -> Rows:
-        return unpair(rows) if unpaired and "completion" not in rows.column_names else rows
+    def transform(loaded: Rows) -> Rows:
+        loaded = loaded if rows is None else rows
+        if objective == "unpaired" and "completion" not in loaded.column_names:
+            return unpair(loaded)
+        return loaded
 
-    return tokenize_split(d, tokenizer, transform=transform)
+    data = tokenize_split(d, tokenizer, transform=transform)
+    if objective == "sft" and data.num_completions > 1:  # the chosen responses
+        data = dataclasses.replace(data, completions=data.completions[:1], ref_logps=None,
+                                   label=None)  # fmt: skip
+    return data
 
 
 class StepData:
     """Iterator of step batches (host-local numpy; `to_device` makes them global)."""
 
-    def __init__(self, config, split: str, *, tokenizer=None, num_epochs=None, seed=None):
+    def __init__(
+        self, config, split: str, *, tokenizer=None, num_epochs=None, seed=None, rows=None
+    ):
         self.config = config
         d = data_section(config, split)
         with d.unlocked():
@@ -84,7 +96,7 @@ class StepData:
                 d.seed = seed
         self.section = d
         self.tokenizer = tokenizer or load_tokenizer(tokenizer_name(d))
-        self.data = tokenize(d, self.tokenizer, unpaired=config.objective == "unpaired")
+        self.data = tokenize(d, self.tokenizer, objective=config.objective, rows=rows)
         self.iterator = PreferenceIterator(
             self.data, layout_of(d), seed=d.seed, num_epochs=d.num_epochs,
             drop_remainder=d.drop_remainder,
@@ -131,6 +143,10 @@ class StepData:
         if "label" in batch:
             batch["label"] = np.asarray(batch["label"], np.float32)
         return batch
+
+    def next(self, step: int, state) -> dict:
+        """The loop's batch-source interface (the step and train state are not needed)."""
+        return next(self)
 
     def get_state(self) -> dict:
         """Global position and fingerprint (equal on every process, for any process count)."""

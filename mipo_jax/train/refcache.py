@@ -29,7 +29,7 @@ import jax
 import numpy as np
 
 from mipo_jax.distributed import all_agree
-from mipo_jax.train import layout
+from mipo_jax.train import step_batch
 from mipo_jax.train.data import fetch
 
 
@@ -79,7 +79,7 @@ class ReferenceCache:
     def load_or_build(self, score, *, batch_size: int = 64, max_length: int) -> "ReferenceCache":
         """Read the cache file, or compute it with ``score(batch) -> [G·P, S, C]`` and write it.
 
-        ``score`` runs the reference on a padded batch (``layout.padded_examples``) of the
+        ``score`` runs the reference on a padded batch (``step_batch.padded_examples``) of the
         whole split's examples, the same batch on every process, and returns numpy values.
         """
         if all_agree(os.path.exists(self.path)):
@@ -91,10 +91,10 @@ class ReferenceCache:
         start = time.time()
         for lo in range(0, n, batch_size):
             idx = np.arange(lo, min(lo + batch_size, n))
-            batch = layout.padded_examples(
+            batch = step_batch.padded_examples(
                 self.data, idx, max_length=max_length, max_completion=self.width
             )
-            batch = layout.pad_groups(batch, batch_size)
+            batch = step_batch.pad_groups(batch, batch_size)
             out[idx] = np.asarray(score(batch))[: len(idx)] * batch["mask"][: len(idx), 0]
         os.makedirs(self.dir, exist_ok=True)
         tmp = f".tmp.p{jax.process_index()}.{os.getpid()}"

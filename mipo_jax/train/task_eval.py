@@ -11,7 +11,7 @@ import numpy as np
 from mipo_jax.data.encoding import tokenize_records
 from mipo_jax.data.load import load_rows
 from mipo_jax.data.tasks import sentiment
-from mipo_jax.train import layout
+from mipo_jax.train import step_batch
 
 TASKS = {"embedded:controlled": "controlled", "embedded:length_biased": "length_biased"}
 
@@ -52,10 +52,10 @@ class TaskEval:
         n = len(self.data)
         for lo in range(0, n, self.batch_size):
             idx = np.arange(lo, min(lo + self.batch_size, n))
-            b = layout.padded_examples(
+            b = step_batch.padded_examples(
                 self.data, idx, max_length=self.length, max_completion=self.width
             )
-            yield len(idx), layout.pad_groups(b, self.batch_size)
+            yield len(idx), step_batch.pad_groups(b, self.batch_size)
 
     def logprobs(self, score) -> np.ndarray:
         """Renormalised log π over the completion set, ``[prompts, completions]``.

@@ -19,9 +19,11 @@ The contrastive models (``token_weights.source``), both started from the referen
 * ``sft``, TIS-DPO(S): π⁺ by SFT (token-mean NLL) on the chosen responses, π⁻ on the rejected.
 * ``folders``: two HF folders ``positive`` / ``negative`` trained elsewhere.
 
-``dpo`` and ``sft`` are ordinary runs of this trainer (`mipo_jax.train.loop.train`, so sharded,
-multi-process, checkpointed and resumable) with the main config's model, data, mesh and
-optimiser, in ``<cache_dir>/<key>/positive|negative`` and exported there as HF folders. The key
+``dpo`` and ``sft`` are ordinary runs of this trainer, stages before the main run
+(`mipo_jax.train.stages`: sharded, multi-process, checkpointed and resumable), with the
+main config's model, data, mesh and optimiser (`contrastive_config`: SFT is the trainer's
+``sft`` objective), in ``<cache_dir>/<key>/positive|negative`` and exported there as HF
+folders. The key
 is a SHA-256 of the reference weights, the tokenised training data (every process's shard) and
 the contrastive runs' configs, so a later run with the same key loads the two folders instead
 of training them; any change to the reference, the data or a setting trains new ones. Knobs:
@@ -39,52 +41,21 @@ import functools
 import hashlib
 import json
 import logging
-import os
-import shutil
 
 import jax
 import ml_collections as mlc
 import numpy as np
 from jax.experimental import multihost_utils
-from scipy.stats import rankdata
 
 from mipo_jax.losses import loss_config
-from mipo_jax.train import models as mdl
+from mipo_jax.train import modules
 from mipo_jax.train.data import to_device
 from mipo_jax.train.refcache import data_fingerprint, weights_hash
-from mipo_jax.train.step import StepSpec, token_logps
+from mipo_jax.train.scoring import Scorer, token_logps
 
 log = logging.getLogger("mipo_jax.train")
 
-TRANSFORMS = ("binary", "rank_based", "threshold_and_scale")
-SOURCES = ("dpo", "sft", "folders")
 SIDES = ("positive", "negative")
-
-
-class Preempted(RuntimeError):
-    """SIGTERM arrived while a contrastive model trained; its checkpoint is saved."""
-
-
-def validate(config) -> None:
-    """Config checks of the ``token_weights`` section (before anything heavy)."""
-    tw = config.token_weights
-    if tw.transform not in TRANSFORMS:
-        raise ValueError(
-            f"token_weights.transform={tw.transform!r}; choose one of: {', '.join(TRANSFORMS)}"
-        )
-    if tw.source not in SOURCES:
-        raise ValueError(f"token_weights.source={tw.source!r}; choose one of: {', '.join(SOURCES)}")
-    if tw.transform == "binary":
-        return
-    if tw.source == "folders" and not (tw.positive and tw.negative):
-        raise ValueError(
-            "token_weights.source='folders' needs token_weights.positive and .negative (HF "
-            "folders of π⁺ and π⁻); without them every weight would be 1 (plain DPO). Use "
-            "source='dpo' or 'sft' to train them here, or transform='binary' for DPO's weights"
-        )
-    for key in ("steps", "learning_rate", "beta"):
-        if tw[key] < 0:
-            raise ValueError(f"token_weights.{key}={tw[key]!r} must be >= 0 (0: the default)")
 
 
 def transform(d: np.ndarray, mask: np.ndarray, cfg) -> np.ndarray:
@@ -97,6 +68,8 @@ def transform(d: np.ndarray, mask: np.ndarray, cfg) -> np.ndarray:
         c = float(cfg.clamp)
         return (low + (np.clip(d, -c, c) + c) / (2 * c) * (high - low)).astype(np.float32)
     if kind == "rank_based":
+        from scipy.stats import rankdata
+
         out = np.ones_like(d, np.float32)
         flat_d, flat_m, flat_o = (x.reshape(-1, x.shape[-1]) for x in (d, mask, out))
         for row in range(flat_d.shape[0]):
@@ -107,7 +80,8 @@ def transform(d: np.ndarray, mask: np.ndarray, cfg) -> np.ndarray:
                 ranks = (rankdata(flat_d[row, idx]) - 1) / (len(idx) - 1)
                 flat_o[row, idx] = low + ranks * (high - low)
         return out
-    raise ValueError(f"token_weights.transform={kind!r}; choose one of: {', '.join(TRANSFORMS)}")
+    raise ValueError(f"token_weights.transform={kind!r}; choose binary, rank_based, "
+                     "threshold_and_scale")  # fmt: skip
 
 
 # ------------------------------------------------------------------------------------------
@@ -124,13 +98,10 @@ def contrastive_config(config, side: str, steps: int) -> mlc.ConfigDict:
             del sub[section]
     sub.algorithm = f"{config.algorithm}/{tw.source}_{side}"
     sub.objective = "paired"
-    if tw.source == "dpo":
-        sub.loss = loss_config("reference")
-        sub.loss.alpha = float(tw.beta or config.loss.alpha)
-    else:  # sft: the NLL of the (possibly swapped) chosen response only
-        sub.loss = loss_config("uniform")
-        sub.loss.link_weights = (0.0,)
-        sub.loss.sft_weight = 1.0
+    sub.loss = loss_config("reference")
+    sub.loss.alpha = float(tw.beta or config.loss.alpha)
+    if tw.source == "sft":  # the NLL of the (possibly swapped) chosen response
+        sub.objective = "sft"
     if side == "negative":  # chosen and rejected swapped (the original's reverse_dataset)
         cols = dict(config.data.columns or {})
         cols["chosen"], cols["rejected"] = (
@@ -171,7 +142,7 @@ def cache_key(reference_hash: str, data_hash: str, subs) -> str:
     return h.hexdigest()[:24]
 
 
-def _global_params_hash(built: mdl.Built) -> str:
+def _global_params_hash(built: modules.Built) -> str:
     params = built.params
     if jax.process_count() > 1:
         params = multihost_utils.process_allgather(params, tiled=True)
@@ -196,16 +167,14 @@ def cache_root(config) -> str:
 
 @dataclasses.dataclass
 class Contrastive:
-    """π⁺ and π⁻ as the trainer holds models, where they live, and which were trained now."""
+    """π⁺ and π⁻ as the trainer holds models, and the folders they were loaded from."""
 
-    positive: mdl.Built
-    negative: mdl.Built
-    key: str = ""
+    positive: modules.Built
+    negative: modules.Built
     folders: tuple[str, str] = ("", "")
-    trained: tuple[str, ...] = ()
 
 
-def contrastive_runs(config, reference: mdl.Built, train_data) -> tuple[str, list]:
+def contrastive_runs(config, reference: modules.Built, train_data) -> tuple[str, list]:
     """(cache key, [config of π⁺'s run, config of π⁻'s run]) for ``source`` dpo or sft."""
     steps = int(config.token_weights.steps) or train_data.iterator.steps_per_epoch(0)
     subs = [contrastive_config(config, side, steps) for side in SIDES]
@@ -213,38 +182,11 @@ def contrastive_runs(config, reference: mdl.Built, train_data) -> tuple[str, lis
     return key, subs
 
 
-def build_contrastive(config, reference: mdl.Built, train_data, mesh) -> Contrastive:
-    """π⁺ and π⁻: loaded from folders, from the cache, or trained now from ``reference``."""
-    tw = config.token_weights
-    load = lambda folder, name: mdl.load_folder(folder, config.model, mesh, f"{name}:{folder}")
-    if tw.source == "folders":
-        folders = (tw.positive, tw.negative)
-        return Contrastive(*(load(f, f"π{s}") for f, s in zip(folders, "⁺⁻")), folders=folders)
-    key, subs = contrastive_runs(config, reference, train_data)
-    root = os.path.join(cache_root(config), key)
-    steps = int(subs[0].train.num_steps)
-    trained, folders = [], []
-    for side, sub in zip(SIDES, subs, strict=True):
-        workdir = os.path.join(root, side)
-        if os.path.exists(os.path.join(workdir, "summary.json")):
-            log.info("TIS-DPO %s model: cache hit %s", side, workdir)
-        else:
-            log.info(
-                "TIS-DPO %s model: cache miss, %s for %d steps from the reference in %s",
-                side, tw.source, steps, workdir,
-            )  # fmt: skip
-            from mipo_jax.train import loop
-
-            start = dataclasses.replace(reference, params=mdl.copy_params(reference.params))
-            summary = loop.train(sub, workdir, start=start)
-            if summary.get("stopped"):
-                raise Preempted(f"stopped while training the TIS-DPO {side} model in {workdir}")
-            if jax.process_index() == 0:  # the finished run's optimiser state is not needed
-                shutil.rmtree(os.path.join(workdir, "checkpoints"), ignore_errors=True)
-            trained.append(side)
-        folders.append(os.path.join(workdir, "export"))
-    pos, neg = (load(f, f"tisdpo-{s}") for f, s in zip(folders, SIDES, strict=True))
-    return Contrastive(pos, neg, key=key, folders=tuple(folders), trained=tuple(trained))
+def load_contrastive(config, folders: tuple[str, str], mesh) -> Contrastive:
+    """π⁺ and π⁻ from their HF folders, sharded on ``mesh``."""
+    load = lambda f, s: modules.load_folder(f, config.model, mesh, f"tisdpo-{s}:{f}")
+    pos, neg = (load(f, s) for f, s in zip(folders, SIDES, strict=True))
+    return Contrastive(pos, neg, folders=tuple(folders))
 
 
 # ------------------------------------------------------------------------------------------
@@ -252,37 +194,32 @@ def build_contrastive(config, reference: mdl.Built, train_data, mesh) -> Contras
 # ------------------------------------------------------------------------------------------
 
 
-def _scores(pos_params, neg_params, batch, *, specs: tuple[StepSpec, StepSpec]):
+def _scores(pos_params, neg_params, batch, *, scorers: tuple[Scorer, Scorer]):
     """d_t = log π⁺ − log π⁻ on chosen tokens, log π⁻ − log π⁺ on rejected ones."""
-    pos = token_logps(pos_params, batch, spec=specs[0])
-    d = pos - token_logps(neg_params, batch, spec=specs[1])
+    pos = token_logps(pos_params, batch, scorer=scorers[0])
+    d = pos - token_logps(neg_params, batch, scorer=scorers[1])
     return d.at[:, 1].multiply(-1.0)
 
 
 class TokenWeighter:
-    """Adds ``token_weights`` ``[G, P, 2, C]`` to host batches (see the module docstring)."""
+    """Batch transform: adds ``token_weights`` ``[G, P, 2, C]`` (see the module docstring).
 
-    def __init__(self, config, mesh, batch_sharding, contrastive: Contrastive | None):
+    ``contrastive`` is None for ``transform='binary'`` (every weight 1, no model is run).
+    """
+
+    def __init__(self, config, batch_sharding, contrastive: Contrastive | None):
         self.cfg = config.token_weights
         self.contrastive = contrastive
         self.sharding = batch_sharding
         self.checked = False
         if contrastive is not None:
             chunk = int(config.train.logps_chunk)
-            specs = tuple(
-                StepSpec(graphs=(("policy", m.graph),), ref_graph=None, loss=None, tx=None,
-                         lr=None, chunk_size=chunk)
+            scorers = tuple(
+                Scorer(m.graph, chunk_size=chunk)
                 for m in (contrastive.positive, contrastive.negative)
-            )  # fmt: skip
-            fn = functools.partial(_scores, specs=specs)
+            )
+            fn = functools.partial(_scores, scorers=scorers)
             self.fn = jax.jit(fn, out_shardings=batch_sharding)
-
-    @classmethod
-    def build(cls, config, reference: mdl.Built, train_data, mesh, batch_sharding):
-        contrastive = None
-        if config.token_weights.transform != "binary":
-            contrastive = build_contrastive(config, reference, train_data, mesh)
-        return cls(config, mesh, batch_sharding, contrastive)
 
     def scores(self, batch: dict) -> np.ndarray:
         """Raw signed scores d ``[G, P, 2, C]`` of this process's batch (0 off the mask)."""
@@ -296,7 +233,7 @@ class TokenWeighter:
             d = multihost_utils.global_array_to_host_local_array(d, mesh, spec)
         return np.asarray(d).reshape(mask.shape) * mask
 
-    def __call__(self, batch: dict) -> dict:
+    def __call__(self, batch: dict, state=None, step: int = 0) -> dict:
         mask = np.asarray(batch["mask"])
         d = self.scores(batch)
         if not self.checked and self.contrastive is not None:

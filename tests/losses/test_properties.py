@@ -532,7 +532,6 @@ def test_bf16_inputs_give_float32_results(prior, params, overrides, shape):
 # ------------------------------------------------------------------------ empty completions
 
 
-
 @pytest.mark.parametrize("prior,params,overrides", CONFIG_PARAMS)
 @FEW
 @given(batches(min_b=2), st.integers(0, 2**31 - 1))

@@ -109,13 +109,35 @@ def record(path: str, train) -> None:
 
 
 if __name__ == "__main__":
-    import tests.conftest  # noqa: F401  (8 simulated devices, offline hub: as the suite runs)
-
     import jax
+
+    import tests.conftest  # noqa: F401  (8 simulated devices, offline hub: as the suite runs)
 
     jax.config.update("jax_disable_most_optimizations", True)
     if sys.argv[1:2] != ["record"] or len(sys.argv) != 3:
         sys.exit(__doc__)
-    from mipo_jax.train.loop import train as entry
+    from mipo_jax.train.stages import run as entry
 
     record(sys.argv[2], entry)
+
+
+def compare(case: str, expected: dict, got: dict) -> list[str]:
+    """Differences between a recorded and a new outcome (empty when bitwise equal).
+
+    The SFT stage's own rows are not compared: it is a stage with its own metrics.jsonl now
+    (under ``<workdir>/sft``); its result reaches the main run's rows and exported weights.
+    """
+    problems = []
+    want = [r for r in expected["metrics"] if r["split"] != "sft"]
+    have = [r for r in got["metrics"] if r["split"] != "sft"]
+    if len(want) != len(have):
+        problems.append(f"{case}: {len(have)} metrics rows, expected {len(want)}")
+    for a, b in zip(want, have):
+        for key in sorted(set(a) | set(b)):
+            if a.get(key) != b.get(key):
+                problems.append(
+                    f"{case} step {a['step']} {a['split']} {key}: {b.get(key)!r} != {a.get(key)!r}"
+                )
+    if expected["weights_sha256"] != got["weights_sha256"]:
+        problems.append(f"{case}: exported weights differ")
+    return problems

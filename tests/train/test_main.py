@@ -10,8 +10,9 @@ import numpy as np
 import pytest
 
 from configs import default, dpo, tdpo
-from mipo_jax.checkpoint import PreemptionGuard
-from mipo_jax.train import loop
+from mipo_jax.checkpoint import Checkpointer, PreemptionGuard
+from mipo_jax.train import checks, loop, setup
+from mipo_jax.train import state as st
 from mipo_jax.train.refcache import ReferenceCache, weights_hash
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -37,10 +38,10 @@ def tiny(module=dpo, steps=4, mesh=(1, 1, 1), **train):
 
 
 def final_params(workdir):
-    run = loop.build(tiny(), workdir)  # shapes and shardings only; values come from the ckpt
-    restored = loop.Checkpointer(os.path.join(workdir, "checkpoints"), save_every=1)
+    run, state = setup.build(tiny(), workdir)  # shapes and shardings; values from the ckpt
+    restored = Checkpointer(os.path.join(workdir, "checkpoints"), save_every=1)
     with restored as ckpt:
-        r = ckpt.restore_or_none(loop.st.abstract(run.state, run.state_shardings))
+        r = ckpt.restore_or_none(st.abstract(state, run.state_shardings))
     return r.step, jax.device_get(r.state)
 
 
@@ -139,9 +140,10 @@ def test_reference_cache_key_changes_with_data_and_reference(tmp_path):
     from mipo_jax.train.data import StepData
 
     config = dpo.get_config("tiny")
-    run = loop.build(tiny(), str(tmp_path / "w"))
-    data = run.train_data.data
-    w = weights_hash(run.policy.params, repr(run.policy.config))
+    run, state = setup.build(tiny(), str(tmp_path / "w"))
+    data = run.source.data
+    params = state.params["policy"]
+    w = weights_hash(params, repr(run.policy.config))
     calls = []
 
     def score(batch):
@@ -155,7 +157,7 @@ def test_reference_cache_key_changes_with_data_and_reference(tmp_path):
     assert not c1.hit and calls
     calls.clear()
     assert cache(w, data).load_or_build(score, batch_size=512, max_length=64).hit and not calls
-    other_w = weights_hash(jax.tree.map(lambda x: x + 1e-3, run.policy.params))
+    other_w = weights_hash(jax.tree.map(lambda x: x + 1e-3, params))
     assert cache(other_w, data).key != c1.key  # another reference misses
     config.data = data_config(source="embedded:length_biased", max_length=64)
     config.data.groups = 1
@@ -172,4 +174,4 @@ def test_default_config_validates_and_tdpo_refuses_cache():
     config = tdpo.get_config("tiny")
     config.reference.mode = "cached"
     with pytest.raises(ValueError, match="needs a live reference"):
-        loop.checks.validate(config)
+        checks.validate(config)

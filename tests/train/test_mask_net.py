@@ -1,4 +1,4 @@
-"""SparsePO's mask network (`mipo_jax.train.extras.SparseMasks`) against the original's.
+"""SparsePO's mask network (`mipo_jax.train.sparsepo.SparseMasks`) against the original's.
 
 The original is huawei-noah/HEBO SparsePO ``SimpleMaskAllLayers`` (``src/masks/mask_models.py``)
 fed with the reference's ``hidden_states[1:]`` at the prediction positions
@@ -17,9 +17,10 @@ import torch
 from flax import nnx
 
 from mipo_jax.losses import loss_config
+from mipo_jax.train import inputs as train_inputs
 from mipo_jax.train import state as st
 from mipo_jax.train import step as sp
-from mipo_jax.train.extras import SparseMasks
+from mipo_jax.train.sparsepo import SparseMasks
 from tests.train.test_step import (  # noqa: F401 (fast_compile: an autouse fixture)
     TINY,
     fast_compile,
@@ -155,7 +156,9 @@ def test_masks_read_every_reference_layer_at_the_prediction_slots():
     the gather here done outside the layer loop with NumPy."""
     spec, params, ref = sparse_setup(independent=True)
     batch = random_batch()
-    inputs = jax.jit(lambda p, r, b: sp.token_inputs(p, r, b, None, spec))(params, ref, batch)
+    inputs = jax.jit(lambda p, r, b: train_inputs.token_inputs(p, r, b, None, spec))(
+        params, ref, batch
+    )
     model = nnx.merge(spec.ref_graph, ref)
     g, k, t = batch["tokens"].shape
     rows = lambda x: jnp.asarray(x).reshape(g * k, t)
@@ -209,7 +212,7 @@ def test_shared_prompt_packing_gives_the_padded_masks():
     from mipo_jax.data.packing import Layout, unit_lengths
     from mipo_jax.data.tasks import sentiment
     from mipo_jax.models import CausalLM
-    from mipo_jax.train import layout
+    from mipo_jax.train import step_batch
 
     records = sentiment.generate("controlled", 12, seed=3)
     tok = load_tokenizer("toy_words")
@@ -230,9 +233,9 @@ def test_shared_prompt_packing_gives_the_padded_masks():
     ids = packed.pop("example_id").ravel()
     packed.pop("ref_logps", None)
     rows = [int(np.nonzero(data.example_id == e)[0][0]) for e in ids if e >= 0]
-    padded = layout.padded_examples(data, rows, max_length=24, max_completion=8)
+    padded = step_batch.padded_examples(data, rows, max_length=24, max_completion=8)
     span = int(unit_lengths(data, "shared_prompt").max())
-    inputs = lambda spec, b: jax.jit(lambda p, r: sp.token_inputs(p, r, b, None, spec))
+    inputs = lambda spec, b: jax.jit(lambda p, r: train_inputs.token_inputs(p, r, b, None, spec))
     a = inputs(dataclasses.replace(spec, attention_span=span), packed)(params, ref)
     b = inputs(spec, padded)(params, ref)
     a_pairs = [i for i, e in enumerate(ids) if e >= 0]

@@ -14,7 +14,7 @@ from flax import nnx
 from mipo_jax.losses import loss_config
 from mipo_jax.models import CausalLM, ModelConfig
 from mipo_jax.sharding import make_mesh
-from mipo_jax.train import layout, optim
+from mipo_jax.train import needs, optim, step_batch
 from mipo_jax.train import state as st
 from mipo_jax.train import step as sp
 
@@ -53,7 +53,9 @@ def models(mesh, seed_policy=0, seed_ref=1):
 def random_batch(n=8, seed=0, t=12, c=6):
     rng = np.random.default_rng(seed)
     seqs = lambda lo, hi: [list(rng.integers(1, 48, rng.integers(lo, hi))) for _ in range(n)]
-    return layout.padded_pairs(seqs(2, 5), seqs(1, 6), seqs(1, 6), max_length=t, max_completion=c)
+    return step_batch.padded_pairs(
+        seqs(2, 5), seqs(1, 6), seqs(1, 6), max_length=t, max_completion=c
+    )
 
 
 def make_spec(graph, loss, accum=1, lr=1e-3):
@@ -61,7 +63,7 @@ def make_spec(graph, loss, accum=1, lr=1e-3):
         dict(name="adamw", learning_rate=lr, warmup_steps=0, schedule="constant", clip_norm=1.0)
     )
     tx, sched = optim.make_optimizer(opt, 10)
-    fields = sp.required_fields(loss)
+    fields = needs.required_fields(loss)
     return sp.StepSpec(
         graphs=(("policy", graph),),
         ref_graph=graph,
@@ -157,12 +159,12 @@ def test_sharded_step_equals_unsharded():
 
 
 def test_required_fields_follow_the_loss():
-    assert sp.required_fields(loss_config("reference")) == {"reference"}
-    assert sp.required_fields(loss_config("uniform")) == set()
-    assert sp.required_fields(loss_config("sparse_masks")) == {"reference", "kl", "mask_u"}
+    assert needs.required_fields(loss_config("reference")) == {"reference"}
+    assert needs.required_fields(loss_config("uniform")) == set()
+    assert needs.required_fields(loss_config("sparse_masks")) == {"reference", "kl", "mask_u"}
     wpo = loss_config("reference")
     wpo.weighting = "wpo"
-    assert sp.required_fields(wpo) == {"reference", "logsumsq"}
+    assert needs.required_fields(wpo) == {"reference", "logsumsq"}
 
 
 def test_step_zero_is_log2_when_policy_is_reference():
@@ -225,7 +227,7 @@ def test_packed_layouts_give_the_padded_metrics(kind):
     ids = packed.pop("example_id")
     packed.pop("ref_logps", None)
     rows = [int(np.nonzero(data.example_id == e)[0][0]) for e in ids.ravel() if e >= 0]
-    padded = layout.padded_examples(data, rows, max_length=24, max_completion=8)
+    padded = step_batch.padded_examples(data, rows, max_length=24, max_completion=8)
     ev = lambda spec: jax.jit(functools.partial(sp.eval_step, spec=spec))
     a = ev(packed_spec)({"policy": policy}, packed, ref)
     b = ev(spec)({"policy": policy}, padded, ref)

@@ -15,8 +15,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from configs import tisdpo
 from mipo_jax.data.tasks import sentiment
-from mipo_jax.train import checks, loop
-from mipo_jax.train import models as mdl
+from mipo_jax.train import checks, modules, setup, stages
 from mipo_jax.train import token_weights as tw
 from mipo_jax.train.data import StepData
 
@@ -35,14 +34,18 @@ def built(tmp_path_factory):
     old = jax.config.values["jax_disable_most_optimizations"]
     jax.config.update("jax_disable_most_optimizations", True)
     config = tiny_config(tmp_path_factory.mktemp("tisdpo"))
-    mesh = loop._mesh(config)
+    mesh = setup.mesh_of(config)
     sharding = NamedSharding(mesh, PartitionSpec(("data", "fsdp")))
     train = StepData(config, "train")
-    ref = mdl.build_policy(config.model, train.tokenizer, mesh, config.seed)
-    weighter = tw.TokenWeighter.build(config, ref, train, mesh, sharding)
-    yield types.SimpleNamespace(
-        config=config, mesh=mesh, sharding=sharding, train=train, ref=ref, weighter=weighter
+    ref = modules.build_policy(config.model, train.tokenizer, mesh, config.seed)
+    stage = stages.contrastive_stage(config, None)  # trains both (the cache dir is new)
+    weighter = tw.TokenWeighter(
+        config, sharding, tw.load_contrastive(config, stage["folders"], mesh)
     )
+    yield types.SimpleNamespace(
+        config=config, mesh=mesh, sharding=sharding, train=train, ref=ref, weighter=weighter,
+        stage=stage,
+    )  # fmt: skip
     jax.config.update("jax_disable_most_optimizations", old)
 
 
@@ -57,7 +60,7 @@ def test_contrastive_models_find_the_rewarded_tokens(built):
     on positive words and negative on negative ones, and after the signed rank transform the
     positive words of chosen responses outweigh its negative words, and the negative words of
     rejected responses outweigh its positive ones (measured: 1.03 vs 0.83, 1.12 vs 0.88)."""
-    assert built.weighter.contrastive.trained == ("positive", "negative")
+    assert built.stage["trained"] == ["positive", "negative"]
     test = StepData(built.config, "test", tokenizer=built.train.tokenizer)
     ids = word_ids(built.train.tokenizer)
     raw = {1.0: [], -1.0: []}
@@ -81,8 +84,10 @@ def test_contrastive_models_find_the_rewarded_tokens(built):
 
 def test_second_build_reuses_the_cached_models(built):
     first = built.weighter.contrastive
-    again = tw.build_contrastive(built.config, built.ref, built.train, built.mesh)
-    assert again.trained == () and again.key == first.key and again.folders == first.folders
+    stage = stages.contrastive_stage(built.config, None)
+    assert stage["trained"] == [] and stage["key"] == built.stage["key"]
+    assert stage["folders"] == first.folders
+    again = tw.load_contrastive(built.config, stage["folders"], built.mesh)
     for a, b in ((first.positive, again.positive), (first.negative, again.negative)):
         for x, y in zip(jax.tree.leaves(a.params), jax.tree.leaves(b.params), strict=True):
             np.testing.assert_array_equal(x, y)
@@ -100,7 +105,7 @@ def test_cache_key_follows_reference_data_and_settings(built, tmp_path):
     quiet = tiny_config(tmp_path)
     quiet.train.progress, quiet.checkpoint.every = False, 7  # no effect on the models
     assert key(quiet) == base
-    other_ref = mdl.build_policy(built.config.model, built.train.tokenizer, built.mesh, 1)
+    other_ref = modules.build_policy(built.config.model, built.train.tokenizer, built.mesh, 1)
     assert key(built.config, ref=other_ref) != base
     cut = tiny_config(tmp_path)
     cut.data.max_prompt_length = 3  # other tokenised data (prompts are 4-6 tokens)
@@ -119,7 +124,7 @@ def test_negative_run_trains_on_swapped_pairs(built):
         np.testing.assert_array_equal(x.values, y.values)
     sft = tw.contrastive_config(tiny_config(built.config.token_weights.cache_dir, source="sft"),
                                 "negative", 5)  # fmt: skip
-    assert sft.loss.sft_weight == 1.0 and tuple(sft.loss.link_weights) == (0.0,)
+    assert sft.objective == "sft"  # the trainer's SFT: token-mean NLL of the chosen column
     assert dict(sft.data.columns) == {"chosen": "rejected", "rejected": "chosen"}
     assert sft.train.num_steps == 5 and "token_weights" not in sft
 
@@ -127,7 +132,9 @@ def test_negative_run_trains_on_swapped_pairs(built):
 def test_identical_contrastive_models_are_refused(built, tmp_path):
     folder = built.weighter.contrastive.folders[0]
     same = tiny_config(tmp_path, source="folders", positive=folder, negative=folder)
-    weighter = tw.TokenWeighter.build(same, built.ref, built.train, built.mesh, built.sharding)
+    weighter = tw.TokenWeighter(
+        same, built.sharding, tw.load_contrastive(same, (folder,) * 2, built.mesh)
+    )
     with pytest.raises(ValueError, match="d ≡ 0"):
         weighter(next(built.train))
     empty = tiny_config(tmp_path, source="folders")
@@ -135,6 +142,6 @@ def test_identical_contrastive_models_are_refused(built, tmp_path):
         checks.validate(empty)
     binary = tiny_config(tmp_path, source="folders", transform="binary")  # DPO, on purpose
     checks.validate(binary)
-    ones = tw.TokenWeighter.build(binary, built.ref, built.train, built.mesh, built.sharding)
+    ones = tw.TokenWeighter(binary, built.sharding, None)
     batch = ones(next(built.train))
     np.testing.assert_array_equal(batch["token_weights"], batch["mask"])

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from mipo_jax.priors import dice
+from mipo_jax.train import dice_pairs as dice
 
 
 def test_scores_and_selection_follow_definition():

@@ -1,4 +1,4 @@
-"""Build the policy (and the modules some algorithms add) from the ``model`` section.
+"""The trainable modules of a run and where their weights come from (``model`` section).
 
 ``model.init``:
   * ``random``: a fresh model of the configured shape; the vocabulary is the tokenizer's.
@@ -20,7 +20,7 @@ from flax import nnx
 
 from mipo_jax.models import CausalLM, ModelConfig
 from mipo_jax.train import state as st
-from mipo_jax.train.extras import SparseMasks
+from mipo_jax.train.sparsepo import SparseMasks
 
 POLICY_KEYS = ("compute_dtype", "param_dtype", "remat", "scan_layers", "attention_block")
 log = logging.getLogger("mipo_jax.train")
@@ -72,9 +72,9 @@ def split_model(model: CausalLM, mesh, source: str) -> Built:
     return Built(graph, params, shardings, source, model.config)
 
 
-def build_policy(m, tokenizer, mesh, seed: int) -> Built:
-    """The policy's starting weights, sharded on ``mesh``."""
-    init = m.init
+def build_policy(m, tokenizer, mesh, seed: int, init: str | None = None) -> Built:
+    """The policy's starting weights, sharded on ``mesh`` (``init`` overrides ``m.init``)."""
+    init = init or m.init
     if init == "random":
         cfg = random_config(m, tokenizer)
         make = lambda: CausalLM(cfg, rngs=nnx.Rngs(seed))

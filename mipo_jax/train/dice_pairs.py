@@ -5,7 +5,8 @@ implicit reward s̃(y) = [log π_{t−1}(y|x) − log π_{t−2}(y|x)] − α_L�
 implicit reward with the prior ζ'(y|x) = π_{t−2}(y|x)·e^{α_L len(y)}. The highest and lowest
 s̃ form the pair. α_L is searched on a grid to bring the mean chosen-minus-rejected length
 closest to zero (the code uses character counts and a grid over [0, 1) in steps of 0.001).
-These are host-side NumPy functions: data construction, not part of the jitted loss.
+These are host-side NumPy functions: data construction for `mipo_jax.train.rounds`, not
+part of the jitted loss (the loss is DPO's, prior `previous_policy`).
 """
 
 import numpy as np

@@ -1,0 +1,226 @@
+"""Everything a training run builds before its first step, from the config, once.
+
+    run, state = build(config, workdir)
+
+Order: validate the config (before anything heavy), mesh, data, policy, reference (frozen
+live copy, or log-probs from the on-disk cache), the modules trained next to the policy,
+optimiser and initial state; then what plugs into the loop, each chosen here once: the
+batch source (the data, or DICE/SPIN's rounds), the batch transforms (the learnable prior's
+policy samples, TIS-DPO's token weights), the compiled train step and the evaluator. `Run`
+is immutable; the train state is the loop's.
+"""
+
+import dataclasses
+import functools
+import logging
+import math
+import os
+import time
+
+import jax
+import ml_collections as mlc
+from jax.sharding import NamedSharding, PartitionSpec
+
+from mipo_jax.sharding import make_mesh
+from mipo_jax.train import checks, modules, needs, optim, rounds
+from mipo_jax.train import state as st
+from mipo_jax.train import token_weights as tw
+from mipo_jax.train.data import StepData, fetch, to_device
+from mipo_jax.train.evaluation import Evaluator, make_task
+from mipo_jax.train.refcache import ReferenceCache, weights_hash
+from mipo_jax.train.samples import PolicySamples, Sampler
+from mipo_jax.train.scoring import Scorer, token_logps
+from mipo_jax.train.step import StepSpec, train_step
+
+log = logging.getLogger("mipo_jax.train")
+
+
+@dataclasses.dataclass(frozen=True)
+class Run:
+    """What the loop uses at every step (built once; the train state lives in the loop)."""
+
+    config: mlc.ConfigDict
+    workdir: str
+    mesh: object
+    batch_sharding: NamedSharding
+    tokenizer: object
+    policy: modules.Built  # graph, shardings and provenance (params: in the state only)
+    reference: dict | None  # the frozen live reference's params, else None
+    reference_source: str
+    spec: StepSpec
+    state_shardings: st.TrainState
+    num_steps: int
+    source: object  # train batches: .next(step, state), .get_state(), .set_state(s)
+    transforms: tuple  # host batch transforms: fn(batch, state, step) -> batch
+    step_fn: object  # the jitted train step: (state, batch, reference) -> (state, metrics)
+    evaluator: Evaluator
+
+
+def mesh_of(config):
+    """The configured mesh; fixed sizes using fewer devices than exist take the first ones."""
+    sizes = (config.mesh.data, config.mesh.fsdp, config.mesh.tensor)
+    n = math.prod(sizes)
+    devices = jax.devices() if -1 in sizes or n >= jax.device_count() else jax.devices()[:n]
+    return make_mesh(sizes, devices=devices)
+
+
+def _cache_dir(config) -> str:
+    if config.reference.cache_dir:
+        return config.reference.cache_dir
+    from mipo_jax.data.embedded import cache_dir
+
+    return str(cache_dir() / "reference")
+
+
+def _count(params) -> str:
+    n = sum(math.prod(x.shape) for x in jax.tree.leaves(params))
+    return f"{n / 1e6:.2f}M parameters"
+
+
+def _attention_span(*datas) -> int | None:
+    """The step's bound on attention reach: the longest packed unit of any split (None if
+    a split is padded, whose rows hold one sequence each)."""
+    spans = [d.attention_span for d in datas if d is not None]
+    return None if None in spans else max(spans)
+
+
+def _attach_caches(config, policy, datas, batch_sharding) -> None:
+    """Reference log-probs from the on-disk cache (computed now on a miss)."""
+    scorer = Scorer(policy.graph, chunk_size=int(config.train.logps_chunk))
+    fn = jax.jit(functools.partial(token_logps, scorer=scorer))
+    # every process passes the same whole batch; all devices score it, every process gets all
+    score = lambda b: fetch(fn(policy.params, to_device(b, batch_sharding, whole=True)))
+    w = weights_hash(policy.params, repr(policy.config))
+    for data in datas:
+        cache = ReferenceCache(_cache_dir(config), w, data.data, data.width)
+        start = time.time()
+        cache.load_or_build(
+            score, batch_size=config.reference.batch_size, max_length=data.max_length
+        )
+        what = "hit" if cache.hit else "miss (built)"
+        log.info("reference cache %s: %s [%.1f s]", what, cache.path, time.time() - start)
+        data.cache = cache
+
+
+def _token_weighter(config, token_models, mesh, batch_sharding):
+    if config.token_weights.transform == "binary":
+        return tw.TokenWeighter(config, batch_sharding, None)
+    if token_models is None:
+        raise ValueError(
+            "TIS-DPO's contrastive models are trained or loaded by the run's stages: train "
+            "with mipo_jax.run / python -m mipo_jax.main (mipo_jax.train.stages), or pass "
+            "token_models=(positive_folder, negative_folder)"
+        )
+    return tw.TokenWeighter(config, batch_sharding, tw.load_contrastive(config, token_models, mesh))
+
+
+def build(
+    config, workdir: str, *, init: str | None = None, token_models=None, rows=None
+) -> tuple[Run, st.TrainState]:
+    """Everything up to the first step, and the initial train state.
+
+    ``init`` overrides ``config.model.init`` (a stage's result, e.g. ``hf:<folder>``);
+    ``token_models``: TIS-DPO's (π⁺, π⁻) HF folders; ``rows``: in-memory training rows
+    (`mipo_jax.data.load.Rows`) instead of ``data.source``'s.
+    """
+    checks.validate(config)
+    checks.validate_runtime(config, jax.process_count())
+    os.makedirs(workdir, exist_ok=True)
+    mesh = mesh_of(config)
+    batch_sharding = NamedSharding(mesh, PartitionSpec(("data", "fsdp")))
+    train_data = StepData(config, "train", rows=rows)
+    tokenizer = train_data.tokenizer
+    eval_data = None
+    if config.train.eval_batches > 0:
+        eval_data = StepData(config, config.train.eval_split, tokenizer=tokenizer, seed=1)
+    policy = modules.build_policy(config.model, tokenizer, mesh, config.seed, init=init)
+    log.info("policy: %s (%s)", policy.source, _count(policy.params))
+
+    fields = needs.loss_fields(config)
+    live = needs.live_reference(config, fields)
+    reference = modules.copy_params(policy.params) if live else None
+    ref_source = policy.source if needs.needs_reference(config, fields) else "none"
+    if config.reference.mode == "cached" and needs.needs_reference(config, fields):
+        _attach_caches(config, policy, [d for d in (train_data, eval_data) if d], batch_sharding)
+        ref_source = f"{policy.source} (cached log-probs)"
+
+    extras = modules.build_extras(config, policy.config, mesh, config.seed)
+    total = rounds.total_steps(config)
+    tx, lr = optim.make_optimizer(config.optim, total)
+    moving = ("ref_sync" in config or "rounds" in config) and reference is not None
+    aux, aux_sh = (
+        ({"reference": reference}, {"reference": policy.shardings}) if moving else ({}, {})
+    )
+    spec = StepSpec(
+        graphs=(("policy", policy.graph),) + tuple((k, v[0]) for k, v in extras.items()),
+        ref_graph=policy.graph if live else None,
+        loss=mlc.FrozenConfigDict(config.kto if config.objective == "unpaired" else config.loss),
+        tx=tx,
+        lr=lr,
+        fields=fields,
+        objective=config.objective,
+        grad_accum=int(config.train.grad_accum),
+        chunk_size=int(config.train.logps_chunk),
+        mask_dropout=float(config.get("mask_net", {}).get("dropout", 0.0)),
+        bos_id=int(policy.config.bos_token_id or 0),
+        attention_span=_attention_span(train_data, eval_data),
+        ref_sync=(
+            (int(config.ref_sync.sync_steps), float(config.ref_sync.mixup_alpha))
+            if "ref_sync" in config
+            else None
+        ),
+        round_steps=int(config.rounds.steps_per_round) if "rounds" in config else None,
+    )
+    params = {"policy": policy.params, **{k: v[1] for k, v in extras.items()}}
+    p_sh = {"policy": policy.shardings, **{k: v[2] for k, v in extras.items()}}
+    if aux:
+        reference = None  # the step reads the moving reference from the state
+    abstract = jax.eval_shape(lambda p, a: st.init_state(p, tx, config.seed, a), params, aux)
+    shardings = st.state_shardings(abstract, tx, p_sh, mesh, aux_sh)
+    init_fn = lambda p, a: st.init_state(p, tx, config.seed, a)
+    if mesh.size > 1:
+        init_fn = jax.jit(init_fn, out_shardings=shardings)
+    state = jax.device_put(init_fn(params, aux), shardings)
+
+    sampler = Sampler(policy.graph, train_data.width, policy.config.eos_ids,
+                      train_data.data.pad_id)  # fmt: skip
+    scorer = Scorer(policy.graph, chunk_size=int(config.train.logps_chunk))
+    transforms = []
+    if "prior_model" in config and config.loss.mi_weight:
+        transforms.append(PolicySamples(sampler, config.prior_model.samples_per_step, config.seed))
+    if "token_weights" in fields:
+        transforms.append(_token_weighter(config, token_models, mesh, batch_sharding))
+    source = train_data
+    if "rounds" in config:
+        source = rounds.RoundSource(config, workdir, train_data, sampler, scorer)
+
+    ref_sh = None if reference is None else policy.shardings
+    step_fn = jax.jit(
+        functools.partial(train_step, spec=spec),
+        in_shardings=(shardings, batch_sharding, ref_sh),
+        out_shardings=(shardings, st.replicated(mesh)),
+        donate_argnums=0,
+    )
+    evaluator = Evaluator(
+        spec, shardings, batch_sharding, data=eval_data, num_batches=config.train.eval_batches,
+        transforms=transforms, reference=reference, ref_shardings=ref_sh,
+        task=make_task(config, tokenizer), scorer=scorer, initial_policy=policy.params,
+    )  # fmt: skip
+    run = Run(
+        config=config,
+        workdir=workdir,
+        mesh=mesh,
+        batch_sharding=batch_sharding,
+        tokenizer=tokenizer,
+        policy=dataclasses.replace(policy, params=None),  # the state holds (and donates) them
+        reference=reference,
+        reference_source=ref_source,
+        spec=spec,
+        state_shardings=shardings,
+        num_steps=total,
+        source=source,
+        transforms=tuple(transforms),
+        step_fn=step_fn,
+        evaluator=evaluator,
+    )
+    return run, state

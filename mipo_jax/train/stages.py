@@ -1,0 +1,160 @@
+"""A training job as stages, each an ordinary run of the loop with its own workdir.
+
+    summary = run(config, workdir)      # what `python -m mipo_jax.main` and `mipo_jax.run` do
+
+1. ``sft`` (when ``sft.steps > 0``): supervised fine-tuning of the starting model, whose
+   result is the policy's start and the reference. The trainer's ``sft`` objective (the
+   token-mean NLL) in ``<workdir>/sft``, on draws from the task's generating distribution
+   for the embedded controlled tasks, else on the training split's chosen responses.
+2. TIS-DPO's contrastive models π⁺ and π⁻ (``token_weights`` with a non-binary transform):
+   two runs from the reference, cached by a content hash (`mipo_jax.train.token_weights`),
+   or two given folders.
+3. the main run, in ``<workdir>``.
+
+Every stage checkpoints and resumes on its own: running the same command again skips the
+finished stages (their ``summary.json`` exists) and resumes the interrupted one. A stage
+stopped by SIGTERM stops the job; its summary says which stage.
+"""
+
+import logging
+import os
+import shutil
+
+import jax
+import ml_collections as mlc
+import numpy as np
+
+from mipo_jax.data.load import Rows
+from mipo_jax.data.tasks import sentiment
+from mipo_jax.losses import loss_config
+from mipo_jax.train import loop, modules, setup, task_eval
+from mipo_jax.train import token_weights as tw
+from mipo_jax.train.data import StepData
+
+log = logging.getLogger("mipo_jax.train")
+
+
+def run(config, workdir: str) -> dict:
+    """Every stage the config asks for, then the main run; returns the main run's summary
+    (plus ``stages``: where each earlier stage lives), or a ``stopped`` summary."""
+    stages: dict[str, dict] = {}
+    init = None
+    if config.sft.steps:
+        done = sft_stage(config, workdir)
+        if done.get("stopped"):
+            return {**done, "stage": "sft"}
+        init = f"hf:{done['export']}"
+        stages["sft"] = {"workdir": sft_dir(workdir), "export": done["export"]}
+    token_models = None
+    if "token_weights" in config and config.token_weights.transform != "binary":
+        done = contrastive_stage(config, init)
+        if done.get("stopped"):
+            return done
+        token_models = done["folders"]
+        stages["tisdpo"] = done
+    summary = loop.train(config, workdir, init=init, token_models=token_models)
+    if stages and not summary.get("stopped"):
+        summary["stages"] = stages
+        summary["sft_export"] = stages.get("sft", {}).get("export")
+    return summary
+
+
+# ---- SFT ---------------------------------------------------------------------------------
+
+
+def sft_dir(workdir: str) -> str:
+    return os.path.join(workdir, "sft")
+
+
+def sft_config(config) -> mlc.ConfigDict:
+    """The SFT stage's config: the ``sft`` objective with the ``sft`` section's settings."""
+    s = config.sft
+    sub = mlc.ConfigDict(config.to_dict())
+    for section in ("token_weights", "ref_sync", "rounds", "prior_model", "mask_net", "kto"):
+        if section in sub:
+            del sub[section]
+    sub.algorithm = f"{config.algorithm}/sft"
+    sub.objective = "sft"
+    sub.loss = loss_config("reference")  # not read by the sft objective
+    sub.batch_size = int(s.batch_size)
+    sub.optim = mlc.ConfigDict(
+        dict(name="adamw", learning_rate=float(s.learning_rate), warmup_steps=int(s.warmup_steps),
+             schedule="cosine", end_factor=0.1, clip_norm=1.0, weight_decay=0.0)
+    )  # fmt: skip
+    sub.sft.steps = 0
+    sub.train.update(dict(num_steps=int(s.steps), grad_accum=1, eval_batches=0, eval_every=0,
+                          task_eval_prompts=0))  # fmt: skip
+    sub.data.update(dict(layout="padded", row_length=None, completion_width=None,
+                         bucket_window=0, seed=int(config.seed)))  # fmt: skip
+    if config.data.source in task_eval.TASKS:  # draws are whole sequences: no truncation
+        sub.data.update(dict(max_length=None, max_prompt_length=None, max_completion_length=None))
+    sub.export.update(dict(hf=True, plot=False, dtype="float32"))
+    return sub
+
+
+def task_draws(task: str, n: int, seed: int) -> Rows:
+    """``n`` (prompt, completion) draws from the controlled task's generating distribution."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for _ in range(n):
+        words = sentiment.PROMPT_WORDS
+        prompt = tuple(int(w) for w in rng.integers(0, len(sentiment.WORDS), rng.choice(words)))
+        y = sentiment.sample_completion(rng, task, prompt)
+        out.append(
+            {"prompt": sentiment.text(prompt), "completion": " " + sentiment.text(y), "label": True}
+        )
+    return Rows(f"{task} draws (seed {seed})", out, ["prompt", "completion", "label"])
+
+
+def sft_stage(config, workdir: str) -> dict:
+    """Run (or reuse) the SFT stage; ``{"export": folder}`` or a ``stopped`` summary."""
+    folder = sft_dir(workdir)
+    export = os.path.join(folder, "export")
+    if os.path.exists(os.path.join(folder, "summary.json")):
+        log.info("SFT stage: done, reusing %s", export)
+        return {"export": export}
+    sub = sft_config(config)
+    rows = None
+    task = task_eval.TASKS.get(config.data.source)
+    if task is not None:
+        n = min(int(config.sft.steps) * int(config.sft.batch_size), 200_000)
+        rows = task_draws(task, n, int(config.seed) + 17)
+    log.info("SFT stage: %d steps in %s", int(config.sft.steps), folder)
+    summary = loop.train(sub, folder, rows=rows)
+    if summary.get("stopped"):
+        return summary
+    return {"export": export}
+
+
+# ---- TIS-DPO's contrastive models --------------------------------------------------------
+
+
+def contrastive_stage(config, init: str | None) -> dict:
+    """π⁺ and π⁻: ``{"folders": (positive, negative), ...}`` or a ``stopped`` summary."""
+    t = config.token_weights
+    if t.source == "folders":
+        return {"folders": (t.positive, t.negative)}
+    mesh = setup.mesh_of(config)
+    train_data = StepData(config, "train")
+    reference = modules.build_policy(config.model, train_data.tokenizer, mesh, config.seed, init)
+    key, subs = tw.contrastive_runs(config, reference, train_data)
+    del reference, train_data
+    root = os.path.join(tw.cache_root(config), key)
+    folders, trained = [], []
+    for side, sub in zip(tw.SIDES, subs, strict=True):
+        workdir = os.path.join(root, side)
+        if os.path.exists(os.path.join(workdir, "summary.json")):
+            log.info("TIS-DPO %s model: cache hit %s", side, workdir)
+        else:
+            log.info(
+                "TIS-DPO %s model: cache miss, %s for %d steps from the reference in %s",
+                side, t.source, int(sub.train.num_steps), workdir,
+            )  # fmt: skip
+            summary = loop.train(sub, workdir, init=init)
+            if summary.get("stopped"):
+                return {**summary, "stage": f"tisdpo-{side}"}
+            if jax.process_index() == 0:  # the finished run's optimiser state is not needed
+                shutil.rmtree(os.path.join(workdir, "checkpoints"), ignore_errors=True)
+            trained.append(side)
+        folders.append(os.path.join(workdir, "export"))
+    return {"folders": tuple(folders), "key": key, "trained": trained}
