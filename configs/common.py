@@ -99,6 +99,7 @@ def add_run_sections(config: mlc.ConfigDict) -> None:
         )
     )
     config.data = data_config(max_length=512)  # see mipo_jax.data.pipeline.data_config
+    del config.data["batch_size"]  # the trainer's batch is the top-level batch_size (global)
     # fixed row length T (= max_length unless set): one compiled step shape for the whole run
     config.data.row_length = config.data.get_ref("max_length")
     config.data.groups = 1  # packed layouts: packed groups (rows x row_length) per step/process

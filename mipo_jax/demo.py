@@ -17,6 +17,8 @@ import time
 from absl import app, flags
 from ml_collections import config_flags
 
+from mipo_jax import cli
+
 _HERE = os.path.dirname(os.path.abspath(__file__))
 _CONFIG = config_flags.DEFINE_config_file(
     "config",
@@ -25,6 +27,7 @@ _CONFIG = config_flags.DEFINE_config_file(
     lock_config=True,
 )
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (default: runs/demo-<time>).")
+_DEBUG = flags.DEFINE_bool("debug", False, "Show tracebacks of config, data and path errors.")
 
 
 def _fmt(x, spec=".3f"):
@@ -78,14 +81,18 @@ def main(argv):
 
     absl_logging.set_verbosity(absl_logging.WARNING)
     logging.getLogger("mipo_jax").setLevel(logging.INFO)
-    config = _CONFIG.value
-    from mipo_jax.train import checks
+    with cli.user_errors(_DEBUG.value):
+        config = _CONFIG.value
+        from mipo_jax.train import checks
 
-    checks.validate(config)
-    workdir = _WORKDIR.value or os.path.join("runs", time.strftime("demo-%Y%m%d-%H%M%S"))
-    from mipo_jax.train.stages import run as train
+        checks.validate(config)
+        workdir = _WORKDIR.value or os.path.join("runs", time.strftime("demo-%Y%m%d-%H%M%S"))
+        from mipo_jax.train import stages
 
-    summary = train(config, os.path.abspath(workdir))
+        summary = stages.run(config, os.path.abspath(workdir))
+    if summary.get("stopped"):
+        print(f"stopped ({summary['stopped']}) at step {summary['step']}; run again to resume")
+        return
     baselines = None
     from mipo_jax.train import task_eval
 
@@ -100,4 +107,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=cli.parse_flags)

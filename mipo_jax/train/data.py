@@ -52,13 +52,10 @@ def data_section(config, split: str) -> mlc.ConfigDict:
     d = copy.deepcopy(config.data)
     with d.unlocked():
         d.split = split
-        if d.layout == "padded":
-            n = jax.process_count()
-            if config.batch_size % n:
-                raise ValueError(
-                    f"batch_size={config.batch_size} does not split over {n} processes"
-                )
-            d.batch_size = config.batch_size // n
+        n = jax.process_count()
+        if d.layout == "padded" and config.batch_size % n:
+            raise ValueError(f"batch_size={config.batch_size} does not split over {n} processes")
+        d.batch_size = config.batch_size // n  # padded: this process's share of each batch
         if d.format == "auto" and config.objective == "unpaired":
             d.format = "unpaired"
     return d
