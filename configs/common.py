@@ -73,6 +73,7 @@ def make(
 
 def add_run_sections(config: mlc.ConfigDict) -> None:
     """Add the trainer's sections (documented key by key) to an algorithm config."""
+    config.optim.warmup_ratio = 0.0  # > 0: warm-up = this fraction of the run (TRL's name)
     config.optim.schedule = "cosine"  # cosine | linear | constant, after linear warm-up
     config.optim.end_factor = 0.0  # final learning rate as a fraction of the peak
     config.optim.clip_norm = 1.0  # global-norm gradient clipping (0 = off)
@@ -117,6 +118,7 @@ def add_run_sections(config: mlc.ConfigDict) -> None:
     config.train = mlc.ConfigDict(
         dict(
             num_steps=1000,  # DICE/SPIN: rounds.num_rounds x rounds.steps_per_round instead
+            num_epochs=0,  # > 0: train this many passes over the data instead of num_steps
             grad_accum=1,  # micro-batches per step (loss, grads, metrics as one batch)
             logps_chunk=256,  # tokens per chunk of the log-prob path (peak ~ chunk x V)
             log_every=1,

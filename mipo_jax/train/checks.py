@@ -36,6 +36,8 @@ def validate(config) -> None:
     _choice("optim.schedule", config.optim.schedule, SCHEDULES)
     _check(config.optim.learning_rate > 0, "optim.learning_rate", config.optim.learning_rate, "> 0")
     _check(config.optim.warmup_steps >= 0, "optim.warmup_steps", config.optim.warmup_steps, ">= 0")
+    ratio = config.optim.get("warmup_ratio", 0.0)
+    _check(0 <= ratio < 1, "optim.warmup_ratio", ratio, "in [0, 1)")
     m = config.model
     init = m.init
     ok = init in ("random", "smollm2") or init.startswith(("hf:", "gguf:"))
@@ -50,6 +52,10 @@ def validate(config) -> None:
     _check(config.batch_size >= 1, "batch_size", config.batch_size, ">= 1")
     _check(t.grad_accum >= 1, "train.grad_accum", t.grad_accum, ">= 1")
     _check(t.num_steps >= 1, "train.num_steps", t.num_steps, ">= 1")
+    epochs = t.get("num_epochs", 0)
+    _check(epochs >= 0, "train.num_epochs", epochs, ">= 0 (0: train.num_steps decides)")
+    if epochs and "rounds" in config:
+        raise ValueError("train.num_epochs: DICE/SPIN runs are rounds × steps_per_round steps")
     _check(t.max_nonfinite >= 1, "train.max_nonfinite", t.max_nonfinite, ">= 1")
     _check(t.logps_chunk >= 1, "train.logps_chunk", t.logps_chunk, ">= 1")
     groups = config.batch_size if config.data.layout == "padded" else config.data.groups

@@ -61,12 +61,25 @@ def data_section(config, split: str) -> mlc.ConfigDict:
     return d
 
 
+def check_objective(rows: Rows, objective: str, fmt: str) -> None:
+    """Refuse data whose format the objective cannot train on, saying which config fits."""
+    cols = set(rows.column_names)
+    unpaired = fmt == "unpaired" or ({"completion", "label"} <= cols and "chosen" not in cols)
+    if objective == "paired" and unpaired:
+        raise ValueError(
+            f"{rows.source} holds unpaired rows (prompt/completion/label, KTO's format) but "
+            "this config trains on preference pairs: use configs/kto.py (objective "
+            "'unpaired'), or give prompt/chosen/rejected rows"
+        )
+
+
 def tokenize(d: mlc.ConfigDict, tokenizer, *, objective: str, rows: Rows | None = None):
     """The tokenised split described by ``d`` (all of it: every process holds every row);
     ``rows`` replaces the rows of ``d.source`` (in-memory data)."""
 
     def transform(loaded: Rows) -> Rows:
         loaded = loaded if rows is None else rows
+        check_objective(loaded, objective, d.format)
         if objective == "unpaired" and "completion" not in loaded.column_names:
             return unpair(loaded)
         return loaded

@@ -34,8 +34,9 @@ def _reference(spec, ref_params, batch, all_layers: bool = False):
     return sg(h), sg(ref.unembed_weight()), None if layers is None else sg(layers)
 
 
-def token_inputs(params, ref_params, batch, rng, spec) -> TokenInputs:
-    """Run the models over the batch and fill the ``TokenInputs`` the loss reads."""
+def token_inputs(params, ref_params, batch, rng, spec) -> tuple[TokenInputs, jax.Array]:
+    """Run the models over the batch; the ``TokenInputs`` the loss reads, and the policy's
+    mean logit (over the vocabulary) at every slot ``[G·P, 2, C]`` (TRL's ``logits/*``)."""
     fields = spec.fields
     policy = nnx.merge(spec.graph("policy"), params["policy"])
     h, w = hidden_at_slots(policy, batch, span=spec.attention_span), policy.unembed_weight()
@@ -77,7 +78,15 @@ def token_inputs(params, ref_params, batch, rng, spec) -> TokenInputs:
     if "prior" in fields:
         extra.update(_learned_prior(params, batch, spec, targets, mask))
     valid = batch["pair_valid"].reshape(-1)
-    return TokenInputs(policy=stats.logps, mask=mask, pair_valid=valid, **extra)
+    inputs = TokenInputs(policy=stats.logps, mask=mask, pair_valid=valid, **extra)
+    return inputs, mean_logits(h, w)
+
+
+def mean_logits(h: jax.Array, w: jax.Array) -> jax.Array:
+    """Mean over the vocabulary of each slot's logits, ``h · mean_v(w[:, v])`` (exact, and
+    without the ``[..., V]`` logits), in float32 and without gradient."""
+    w_mean = jnp.mean(w.astype(jnp.float32), axis=1)
+    return jax.lax.stop_gradient(jnp.einsum("...d,d->...", h.astype(jnp.float32), w_mean))
 
 
 def prior_logps(prior, y: jax.Array, mask: jax.Array, bos_id: int, chunk_size: int) -> jax.Array:

@@ -187,6 +187,7 @@ def _finish(run: Run, state, first_eval, final, seconds) -> dict:
         "seconds": round(seconds, 1),
         "skipped_steps": int(jax.device_get(state.skipped)),
         "reference": {"mode": cfg.reference.mode, "source": run.reference_source},
+        "data": run.data_reports,
         "eval_before": first_eval,
         "eval_after": final,
         "metrics": os.path.join(workdir, "metrics.jsonl"),

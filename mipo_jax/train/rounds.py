@@ -37,12 +37,6 @@ from mipo_jax.train.scoring import Scorer, sequence_logps
 log = logging.getLogger("mipo_jax.train")
 
 
-def total_steps(config) -> int:
-    if "rounds" in config:
-        return int(config.rounds.num_rounds) * int(config.rounds.steps_per_round)
-    return int(config.train.num_steps)
-
-
 class _RoundData:
     """Padded batches of one round's pairs (host-only fields dropped)."""
 

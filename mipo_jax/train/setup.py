@@ -54,6 +54,7 @@ class Run:
     transforms: tuple  # host batch transforms: fn(batch, state, step) -> batch
     step_fn: object  # the jitted train step: (state, batch, reference) -> (state, metrics)
     evaluator: Evaluator
+    data_reports: dict  # split -> what was read, kept, skipped (per reason) and truncated
 
 
 def mesh_of(config):
@@ -102,6 +103,35 @@ def _attach_caches(config, policy, datas, batch_sharding) -> None:
         data.cache = cache
 
 
+def run_length(config, train_data: StepData) -> int:
+    """Optimiser steps of the run: ``rounds × steps_per_round`` (DICE/SPIN);
+    ``train.num_epochs`` passes over the training data (TRL's ``num_train_epochs``); else
+    ``train.num_steps``, cut (with a warning) to what ``data.num_epochs`` passes hold."""
+    if "rounds" in config:
+        return int(config.rounds.num_rounds) * int(config.rounds.steps_per_round)
+    epochs = int(config.train.get("num_epochs", 0)) or config.data.num_epochs
+    steps = int(config.train.num_steps)
+    if not epochs:
+        return steps
+    it = train_data.iterator
+    available = sum(it.steps_per_epoch(e) for e in range(int(epochs)))
+    if available == 0:
+        raise ValueError(
+            f"{config.data.source}: {len(train_data.data)} training examples give no full "
+            f"batch (batch_size={config.batch_size}); use a smaller batch_size or more data"
+        )
+    if config.train.get("num_epochs", 0):
+        log.info("train.num_epochs=%d: %d steps", int(epochs), available)
+        return available
+    if steps > available:
+        log.warning(
+            "train.num_steps=%d but data.num_epochs=%d holds %d steps: training %d steps "
+            "(set train.num_epochs to train by epochs)", steps, int(epochs), available, available,
+        )  # fmt: skip
+        return available
+    return steps
+
+
 def _token_weighter(config, token_models, mesh, batch_sharding):
     if config.token_weights.transform == "binary":
         return tw.TokenWeighter(config, batch_sharding, None)
@@ -128,11 +158,17 @@ def build(
     os.makedirs(workdir, exist_ok=True)
     mesh = mesh_of(config)
     batch_sharding = NamedSharding(mesh, PartitionSpec(("data", "fsdp")))
-    train_data = StepData(config, "train", rows=rows)
+    epochs = int(config.train.get("num_epochs", 0))
+    train_data = StepData(config, "train", rows=rows, num_epochs=epochs or None)
     tokenizer = train_data.tokenizer
     eval_data = None
     if config.train.eval_batches > 0:
         eval_data = StepData(config, config.train.eval_split, tokenizer=tokenizer, seed=1)
+    reports = {"train": train_data.data.report}
+    if eval_data is not None:
+        reports["eval"] = eval_data.data.report
+    for split, report in reports.items():
+        log.info("%s data: %s", split, report.summary())
     policy = modules.build_policy(config.model, tokenizer, mesh, config.seed, init=init)
     log.info("policy: %s (%s)", policy.source, _count(policy.params))
 
@@ -145,7 +181,7 @@ def build(
         ref_source = f"{policy.source} (cached log-probs)"
 
     extras = modules.build_extras(config, policy.config, mesh, config.seed)
-    total = rounds.total_steps(config)
+    total = run_length(config, train_data)
     tx, lr = optim.make_optimizer(config.optim, total)
     moving = ("ref_sync" in config or "rounds" in config) and reference is not None
     aux, aux_sh = (
@@ -222,5 +258,6 @@ def build(
         transforms=tuple(transforms),
         step_fn=step_fn,
         evaluator=evaluator,
+        data_reports={k: r.as_dict() for k, r in reports.items()},
     )
     return run, state

@@ -121,8 +121,13 @@ def loss_fn(params, ref_params, batch, rng, *, spec: StepSpec, norms):
     if spec.objective == "unpaired":
         return kto_loss(inputs.unpaired_inputs(params, ref_params, batch, spec), spec.loss,
                         normalizers=norms)  # fmt: skip
-    token_inputs = inputs.token_inputs(params, ref_params, batch, rng, spec)
-    return mipo_loss(token_inputs, spec.loss, normalizers=norms)
+    token_inputs, logits = inputs.token_inputs(params, ref_params, batch, rng, spec)
+    loss, metrics = mipo_loss(token_inputs, spec.loss, normalizers=norms)
+    mask = token_inputs.mask * token_inputs.pair_valid[:, None, None]
+    for side, name in enumerate(("chosen", "rejected")):  # TRL: mean logit of its tokens
+        m = mask[:, side]
+        metrics[f"logits/{name}"] = Metric(jnp.sum(logits[:, side] * m), jnp.sum(m))
+    return loss, metrics
 
 
 def _grads(params, ref_params, batch, rng, spec: StepSpec):

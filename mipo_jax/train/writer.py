@@ -1,7 +1,9 @@
 """What the user sees: JSON-lines metrics, TensorBoard events, a progress bar, a PNG plot.
 
 Only process 0 writes. ``metrics.jsonl`` has one object per logged step,
-``{"step": 10, "split": "train", "loss": 0.69, ...}`` with eval rows prefixed ``eval/``;
+``{"step": 10, "split": "train", "loss": 0.69, ...}``; evaluation rows have ``split: "eval"``
+and their metrics carry TRL's ``eval_`` prefix (``eval_loss``, ``eval_rewards/margins``, the
+exact task metrics as ``eval_true/reward``), in metrics.jsonl and TensorBoard alike;
 TensorBoard event files go to ``<workdir>/tensorboard``; `plot` draws the main curves.
 """
 
@@ -37,7 +39,7 @@ class MetricWriter:
     def write(self, step: int, values: dict[str, float], split: str = "train") -> None:
         if not self.enabled or not values:
             return
-        prefix = "" if split == "train" else f"{split}/"
+        prefix = "" if split == "train" else f"{split}_"
         row = {"step": int(step), "split": split, "time": round(time.time(), 3)}
         row.update({prefix + k: _finite_or_str(v) for k, v in sorted(values.items())})
         with open(self.path, "a") as f:
@@ -76,8 +78,8 @@ def plot(metrics_path: str, png_path: str, curves=MAIN_CURVES) -> str | None:
     import matplotlib.pyplot as plt
 
     rows = read_metrics(metrics_path)
-    present = [c for c in curves if any(c in r or f"eval/{c}" in r for r in rows)]
-    extra = sorted({k.removeprefix("eval/") for r in rows for k in r if "true/" in k})
+    present = [c for c in curves if any(c in r or f"eval_{c}" in r for r in rows)]
+    extra = sorted({k.removeprefix("eval_") for r in rows for k in r if "true/" in k})
     present += [k for k in extra if k not in present]
     if not present:
         return None
@@ -85,7 +87,7 @@ def plot(metrics_path: str, png_path: str, curves=MAIN_CURVES) -> str | None:
     nrows = -(-len(present) // cols)
     fig, axes = plt.subplots(nrows, cols, figsize=(4.2 * cols, 3.0 * nrows), squeeze=False)
     for ax, name in zip(axes.flat, present):
-        for key, label in ((name, "train"), (f"eval/{name}", "eval")):
+        for key, label in ((name, "train"), (f"eval_{name}", "eval")):
             pts = [(r["step"], r[key]) for r in rows if isinstance(r.get(key), float | int)]
             if pts:
                 xs, ys = zip(*pts)

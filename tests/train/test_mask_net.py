@@ -156,7 +156,7 @@ def test_masks_read_every_reference_layer_at_the_prediction_slots():
     the gather here done outside the layer loop with NumPy."""
     spec, params, ref = sparse_setup(independent=True)
     batch = random_batch()
-    inputs = jax.jit(lambda p, r, b: train_inputs.token_inputs(p, r, b, None, spec))(
+    inputs = jax.jit(lambda p, r, b: train_inputs.token_inputs(p, r, b, None, spec)[0])(
         params, ref, batch
     )
     model = nnx.merge(spec.ref_graph, ref)
@@ -235,7 +235,7 @@ def test_shared_prompt_packing_gives_the_padded_masks():
     rows = [int(np.nonzero(data.example_id == e)[0][0]) for e in ids if e >= 0]
     padded = step_batch.padded_examples(data, rows, max_length=24, max_completion=8)
     span = int(unit_lengths(data, "shared_prompt").max())
-    inputs = lambda spec, b: jax.jit(lambda p, r: train_inputs.token_inputs(p, r, b, None, spec))
+    inputs = lambda spec, b: jax.jit(lambda p, r: train_inputs.token_inputs(p, r, b, None, spec)[0])
     a = inputs(dataclasses.replace(spec, attention_span=span), packed)(params, ref)
     b = inputs(spec, padded)(params, ref)
     a_pairs = [i for i, e in enumerate(ids) if e >= 0]

@@ -328,3 +328,28 @@ def test_kto_grad_accumulation_equals_one_large_batch(loss_type):
         np.testing.assert_allclose(m1[k].value, m4[k].value, rtol=1e-5, atol=atol, err_msg=k)
     np.testing.assert_allclose(float(m4["loss"].value), float(l1), rtol=1e-5)
     assert float(m1["rewards/chosen"].count) + float(m1["rewards/rejected"].count) == 7.0
+
+
+def test_logits_metrics_are_trls_mean_logit_over_completion_tokens():
+    """TRL logs ``logits/chosen`` = logits[chosen completion tokens].mean() (over tokens and
+    the vocabulary); the step gets it from h · mean_v(W) without [..., V] logits."""
+    mesh = one_device_mesh()
+    graph, policy, ref, _ = models(mesh)
+    spec = make_spec(graph, frozen(loss_config("reference")))
+    batch = random_batch()
+    m = jax.jit(functools.partial(sp.eval_step, spec=spec))({"policy": policy}, batch, ref)
+    model = nnx.merge(graph, policy)
+    for side, name in enumerate(("chosen", "rejected")):
+        logits = np.asarray(
+            model(
+                jnp.asarray(batch["tokens"][:, side]),
+                jnp.asarray(batch["positions"][:, side]),
+                jnp.asarray(batch["segment_ids"][:, side]),
+            ),
+            np.float64,
+        )
+        t = batch["tokens"].shape[-1]
+        pred = batch["pred_index"][:, 0, side] - side * t  # positions within the row
+        mask = batch["mask"][:, 0, side] > 0
+        picked = np.take_along_axis(logits, pred[..., None], axis=1)[mask]  # [tokens, V]
+        np.testing.assert_allclose(float(m[f"logits/{name}"].value), picked.mean(), rtol=1e-5)
