@@ -9,10 +9,11 @@ import ml_collections
 
 from mipo_jax.losses.fdiv import FDIVS
 from mipo_jax.losses.links import LINKS
+from mipo_jax.losses.terms import TERMS
+from mipo_jax.losses.weighting import WEIGHTINGS
 from mipo_jax.priors import PRIORS
 
 NORMALIZE = ("sum", "mean")
-WEIGHTING = ("none", "wpo")
 
 
 def loss_config(prior: str = "reference", **prior_params) -> ml_collections.ConfigDict:
@@ -69,7 +70,7 @@ def validate(cfg) -> None:
         )
     _choice(cfg.normalize, NORMALIZE, "normalize")
     _choice(cfg.f_divergence, FDIVS.names(), "f_divergence")
-    _choice(cfg.weighting, WEIGHTING, "weighting")
+    _choice(cfg.weighting, WEIGHTINGS.names(), "weighting")
     links = tuple(cfg.links)
     _check(len(links) > 0, "links", links, "at least one link")
     for name in links:
@@ -92,8 +93,9 @@ def validate(cfg) -> None:
     _check(cfg.discopop_tau > 0, "discopop_tau", cfg.discopop_tau, "must be > 0")
     if cfg.f_divergence == "alpha_divergence":
         _check(cfg.f_alpha != 1.0, "f_alpha", cfg.f_alpha, "must differ from 1")
-    for key in ("sft_weight", "l1_mask_u", "l1_mask_d", "mi_weight"):
-        _check(cfg[key] >= 0, key, cfg[key], "must be >= 0")
+    for _, term in TERMS.items():
+        for key in term.params:
+            _check(cfg[key] >= 0, key, cfg[key], "must be >= 0")
     _check_prior_params(cfg.prior)
 
 

@@ -4,9 +4,11 @@
 
 assembled from a config: a prior ζ (``cfg.prior.name``), optional length normalisation
 (``cfg.normalize``), an optional f-divergence score, one or more link functions with weights
-(``cfg.links``/``cfg.link_weights``; ``sigmoid`` is MI-DPO proper), optional WPO pair
-weights and extra terms (SFT/NLL, SparsePO's L1 on masks, the mutual-information term of a
-learnable prior). Nothing here branches on an algorithm's name.
+(``cfg.links``/``cfg.link_weights``; ``sigmoid`` is MI-DPO proper), a pair weighting
+(``cfg.weighting``: WPO) and extra terms (``losses.terms``: SFT/NLL, SparsePO's L1 on masks,
+the mutual-information term of a learnable prior). Each part is registered with the batch
+inputs it needs (``losses.needs`` derives what a config reads). Nothing here branches on an
+algorithm's name.
 
 Everything runs in float32 (float64 under x64) whatever the input dtype. Pairs whose chosen
 or rejected completion is empty are excluded from the loss and metrics and counted in
@@ -23,6 +25,7 @@ import jax.numpy as jnp
 from mipo_jax.losses import terms
 from mipo_jax.losses.fdiv import FDIVS
 from mipo_jax.losses.links import LINKS, Scores
+from mipo_jax.losses.weighting import WEIGHTINGS
 from mipo_jax.metrics import Metric, weighted_mean
 from mipo_jax.priors import PRIORS, lengths, seq_sum
 from mipo_jax.types import CHOSEN, REJECTED, TokenInputs, compute_dtype
@@ -60,14 +63,6 @@ def scores(inputs: TokenInputs, cfg, valid=None) -> Scores:
     return Scores(pol, log_zeta, g, cfg.alpha * g, margin, valid)
 
 
-def _wpo_weights(inputs: TokenInputs) -> jax.Array:
-    """WPO (Zhou et al. 2024): w(y_w)·w(y_l), w(y) = exp(mean_t[ℓ^π_t − log Σ_v π²]), no grad."""
-    inputs.require("logsumsq", who="weighting 'wpo'")
-    n = jnp.maximum(lengths(inputs.mask), 1.0)
-    per_seq = seq_sum(inputs.policy - inputs.logsumsq, inputs.mask) / n
-    return jax.lax.stop_gradient(jnp.exp(jnp.sum(per_seq, axis=-1)))
-
-
 def mipo_loss(
     inputs: TokenInputs, cfg, *, normalizers: Mapping[str, jax.Array] | None = None
 ) -> tuple[jax.Array, dict[str, Metric]]:
@@ -87,7 +82,7 @@ def mipo_loss(
     inputs = inputs.astype(compute_dtype(inputs.policy))
     valid, empty = pair_validity(inputs)
     s = scores(inputs, cfg, valid)
-    pair_w = valid * (_wpo_weights(inputs) if cfg.weighting == "wpo" else 1.0)
+    pair_w = valid * WEIGHTINGS.get(cfg.weighting).fn(inputs)
 
     norm = dict(normalizers or {})
     pairs = norm.get("pairs", jnp.sum(valid))
@@ -100,19 +95,9 @@ def mipo_loss(
         loss += weight * component.total / jnp.maximum(pairs, 1.0)
         if len(cfg.links) > 1:
             metrics[f"loss/{name}"] = component
-    if cfg.sft_weight:
-        nll = terms.sft(inputs, valid)
-        loss += cfg.sft_weight * nll.total / jnp.maximum(norm.get("sft_tokens", nll.count), 1.0)
-        metrics["loss/sft"] = nll
-    if cfg.l1_mask_u or cfg.l1_mask_d:
-        l1 = terms.l1_masks(inputs, valid, cfg.l1_mask_u, cfg.l1_mask_d)
-        loss += l1.total / jnp.maximum(pairs, 1.0)
-        metrics["loss/l1_mask"] = l1
-    if cfg.mi_weight:
-        mi = terms.mutual_information(inputs)
-        # Sample weights may sum to less than one (exact enumeration), so no clamp at 1.
-        loss += cfg.mi_weight * mi.total / jnp.maximum(norm.get("samples", mi.count), 1e-30)
-        metrics["loss/mi"] = mi
+    for name in terms.active(cfg):
+        contribution, metrics[f"loss/{name}"] = terms.TERMS.get(name).fn(inputs, cfg, valid, norm)
+        loss += contribution
 
     # "loss" merges exactly across micro-batches given global normalizers (count = this
     # batch's share, summing to 1); without them it is a pair-weighted mean, exact when all
