@@ -1,6 +1,7 @@
 """Conservative DPO (Mitchell 2023, https://ericmitchell.ai/cdpo.pdf, Eq. 3; spec §2.10).
 
-L = −(1−ε) log σ(βh) − ε log σ(−βh): DPO's logit with soft labels. ε = 0.1.
+L = −(1−ε) log σ(βh) − ε log σ(−βh): DPO's logit with soft labels, the ``cdpo`` link with
+``label_smoothing`` ε = 0.1 (TRL 1.16's ``sigmoid`` has no label smoothing).
 
 Run:
 
@@ -15,6 +16,7 @@ def get_config(arg=None):
     arg = common.parse_arg(arg, tiny=False)
     loss = loss_config("reference")
     loss.alpha = 0.1
+    loss.links = ("cdpo",)
     loss.label_smoothing = 0.1
     return common.make("cdpo", loss, arg)
 

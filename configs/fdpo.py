@@ -1,8 +1,9 @@
-"""f-DPO (Wang et al. 2023, arXiv 2309.16240; TRL HEAD ``f_divergence_type``; spec §2.12).
+"""f-DPO (Wang et al. 2023, arXiv 2309.16240; TRL 1.16 ``f_divergence_type``; spec §2.12).
 
-DPO with the log-ratio ρ replaced by a score g(ρ): forward_kl −e^{−ρ}, js_divergence log σ(ρ),
-alpha_divergence (e^{(a−1)ρ} − 1)/(a − 1) with TRL HEAD's a = 0.5. Only reverse_kl is MI-DPO
-proper. Run:
+DPO with the log-ratio ρ replaced by a score g(ρ), TRL's (g(0) = 0): forward_kl 1 − e^{−ρ},
+js_divergence log 2 + log σ(ρ), alpha_divergence (e^{(a−1)ρ} − 1)/(a − 1) with TRL's a = 0.5.
+Scores apply to the links on the chosen-minus-rejected difference only (sigmoid, cdpo, hinge,
+ipo, exo_pair, robust, discopop), as in TRL. Only reverse_kl is MI-DPO proper. Run:
 
   python -m mipo_jax.main --config=configs/fdpo.py:divergence=js_divergence --workdir=/tmp/f
 """

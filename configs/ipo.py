@@ -1,8 +1,9 @@
 """IPO (Azar et al. 2023, arXiv 2310.12036, Eq. 17; spec §2.9): L = (h − 1/(2τ))².
 
-TRL (HEAD and v0.19) averages the log-ratios per token before forming h, which the IPO
-authors confirmed; τ is TRL's β (0.1). Not MI-DPO proper: MI-DPO's log-ratio with ζ = π_ref
-fed to the squared link.
+TRL (1.16 and v0.19) averages the log-ratios per token before forming h, which the IPO
+authors confirmed; τ is TRL's β (0.1). With an f-divergence score, TRL divides the score by
+the length (``loss.trl_order=True``, the default). Not MI-DPO proper: MI-DPO's log-ratio with
+ζ = π_ref fed to the squared link.
 
 Run:
 

@@ -7,6 +7,8 @@ Shape legend (jaxtyping dimension names used across the package):
 The pair axis has size 2: index 0 is the chosen response y_w, index 1 the rejected y_l.
 """
 
+import dataclasses
+
 import jax.numpy as jnp
 from flax import struct
 from jaxtyping import Array, Float
@@ -19,8 +21,9 @@ class TokenInputs:
     """Everything a preference loss may read, per token on the pair axis ``[B, 2, T]``.
 
     Only ``policy`` and ``mask`` are required; the other fields are filled by the trainer
-    (from a live model or a cache) when the configured prior, link or term needs them.
-    A prior that needs a missing field raises a ``ValueError`` at trace time naming it.
+    (from a live model or a cache) when a configured part of the loss declares it needs them
+    (``Registry.register(..., needs=...)``, words of :data:`NEEDS`). A part that reads a
+    missing field raises a ``ValueError`` at trace time naming it.
 
     Attributes:
       policy: log π_θ(y_t | x, y_<t) per token.
@@ -67,6 +70,48 @@ class TokenInputs:
         """All floating fields cast to ``dtype`` (losses compute in float32 or wider)."""
         cast = lambda x: None if x is None else jnp.asarray(x).astype(dtype)
         return TokenInputs(**{k: cast(v) for k, v in vars(self).items()})
+
+
+@dataclasses.dataclass(frozen=True)
+class Need:
+    """What one word of a ``needs=`` declaration asks of whoever fills ``TokenInputs``.
+
+    Attributes:
+      field: the ``TokenInputs`` field it fills.
+      what: a few words for error messages.
+      reference: the reference modes that can serve it (``live``: the reference model run
+        in the step; ``cached``: per-token log-probs stored once; ``dataset``: summed
+        log-probs from dataset columns); empty when it reads no reference.
+      full_vocab: computed from whole next-token distributions, not one log-prob per token.
+      module: the trainable module besides the policy that computes it ("" when none).
+    """
+
+    field: str
+    what: str
+    reference: tuple[str, ...] = ()
+    full_vocab: bool = False
+    module: str = ""
+
+
+# The vocabulary of ``needs=``: the optional TokenInputs fields, with the reference in two
+# words (summed log-probs suffice, or per-token ones). ``mask_d`` and ``prior_samples_weight``
+# are read when present but never needed: the mask net gives m^d with m^u when its masks are
+# independent, and sample weights default to ones.
+NEEDS: dict[str, Need] = {
+    "reference": Need("reference", "reference log-probs", ("live", "cached", "dataset")),
+    "reference_tokens": Need("reference", "per-token reference log-probs", ("live", "cached")),
+    "kl": Need(
+        "kl", "the per-token KL to the reference's full distribution", ("live",), full_vocab=True
+    ),
+    "logsumsq": Need("logsumsq", "the policy's per-token log Σ_v π²", full_vocab=True),
+    "token_weights": Need("token_weights", "per-token importance weights"),
+    "mask_u": Need(
+        "mask_u", "masks computed from the reference's hidden states", ("live",), module="mask_net"
+    ),
+    "prior": Need("prior", "a learnable prior's log-probs", module="prior"),
+    "prior_samples": Need("prior_samples", "the prior's log-probs of samples", module="prior"),
+    "prior_samples_mask": Need("prior_samples_mask", "the policy samples' masks", module="prior"),
+}
 
 
 def compute_dtype(x: Array):

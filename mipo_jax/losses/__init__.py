@@ -2,5 +2,15 @@
 
 from mipo_jax.losses.config import loss_config, validate
 from mipo_jax.losses.mipo import mipo_loss, scores
+from mipo_jax.losses.needs import Requirements, check_reference_mode, required_inputs, requirements
 
-__all__ = ["loss_config", "mipo_loss", "scores", "validate"]
+__all__ = [
+    "Requirements",
+    "check_reference_mode",
+    "loss_config",
+    "mipo_loss",
+    "required_inputs",
+    "requirements",
+    "scores",
+    "validate",
+]

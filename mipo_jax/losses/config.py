@@ -7,12 +7,13 @@ paper's or code's defaults (spec §2).
 
 import ml_collections
 
-from mipo_jax.losses.fdiv import FDIVS
-from mipo_jax.losses.links import LINKS
+from mipo_jax.losses.fdiv import FDIVS, IDENTITY
+from mipo_jax.losses.links import DIFFERENCE_LINKS, LINKS
+from mipo_jax.losses.terms import TERMS
+from mipo_jax.losses.weighting import WEIGHTINGS
 from mipo_jax.priors import PRIORS
 
 NORMALIZE = ("sum", "mean")
-WEIGHTING = ("none", "wpo")
 
 
 def loss_config(prior: str = "reference", **prior_params) -> ml_collections.ConfigDict:
@@ -36,6 +37,7 @@ def loss_config(prior: str = "reference", **prior_params) -> ml_collections.Conf
             discopop_tau=0.05,
             f_divergence="reverse_kl",
             f_alpha=0.5,
+            trl_order=True,  # 'mean' + a score: g(ρ)/|y| as TRL; False: g(ρ/|y|) (mipo.py)
             weighting="none",
             sft_weight=0.0,  # NLL of the chosen response (RPO, CPO, ORPO, TRL "sft")
             l1_mask_u=0.0,  # SparsePO λ_u
@@ -69,7 +71,7 @@ def validate(cfg) -> None:
         )
     _choice(cfg.normalize, NORMALIZE, "normalize")
     _choice(cfg.f_divergence, FDIVS.names(), "f_divergence")
-    _choice(cfg.weighting, WEIGHTING, "weighting")
+    _choice(cfg.weighting, WEIGHTINGS.names(), "weighting")
     links = tuple(cfg.links)
     _check(len(links) > 0, "links", links, "at least one link")
     for name in links:
@@ -82,6 +84,9 @@ def validate(cfg) -> None:
     )
     _check(cfg.alpha > 0, "alpha", cfg.alpha, "must be > 0")
     _check(0.0 <= cfg.label_smoothing < 0.5, "label_smoothing", cfg.label_smoothing, "in [0, 0.5)")
+    _check_link_combinations(cfg, links)
+    order = cfg.get("trl_order", True)  # configs older than the key: TRL's order
+    _check(isinstance(order, bool), "trl_order", order, "True or False")
     if "exo_pair" in links:
         _check(
             cfg.label_smoothing > 0,
@@ -92,9 +97,35 @@ def validate(cfg) -> None:
     _check(cfg.discopop_tau > 0, "discopop_tau", cfg.discopop_tau, "must be > 0")
     if cfg.f_divergence == "alpha_divergence":
         _check(cfg.f_alpha != 1.0, "f_alpha", cfg.f_alpha, "must differ from 1")
-    for key in ("sft_weight", "l1_mask_u", "l1_mask_d", "mi_weight"):
-        _check(cfg[key] >= 0, key, cfg[key], "must be >= 0")
+    for _, term in TERMS.items():
+        for key in term.params:
+            _check(cfg[key] >= 0, key, cfg[key], "must be >= 0")
     _check_prior_params(cfg.prior)
+
+
+def _check_link_combinations(cfg, links) -> None:
+    """What TRL 1.16 rejects (f-divergences, weighting), and a smoothing no link reads."""
+    readers = [n for n in LINKS.names() if "label_smoothing" in LINKS.get(n).params]
+    if cfg.label_smoothing and not set(readers) & set(links):
+        raise ValueError(
+            f"loss.label_smoothing={cfg.label_smoothing!r} is read by none of loss.links="
+            f"{links} (TRL's sigmoid has no label smoothing); links that read it: "
+            f"{', '.join(readers)} (cDPO is links=('cdpo',))"
+        )
+    pointwise = [n for n in links if n not in DIFFERENCE_LINKS]
+    if cfg.f_divergence != IDENTITY and pointwise:
+        raise ValueError(
+            f"loss.f_divergence={cfg.f_divergence!r} applies only to links on the chosen-minus-"
+            f"rejected score difference ({', '.join(DIFFERENCE_LINKS)}), not to {pointwise}: "
+            "the f-DPO reparameterisation leaves a log Z(x) term that cancels only in that "
+            "difference (TRL 1.16 rejects it too); use f_divergence='reverse_kl'"
+        )
+    sorted_links = [n for n in links if n in ("aot", "aot_unpaired")]
+    if cfg.weighting != "none" and sorted_links:
+        raise ValueError(
+            f"loss.weighting={cfg.weighting!r} cannot weight {sorted_links}: their losses belong "
+            "to sorted positions, not to pairs (TRL 1.16 rejects it too); use weighting='none'"
+        )
 
 
 def _check_prior_params(p) -> None:

@@ -1,9 +1,11 @@
 """Link functions: how a pair's implicit rewards become a per-pair loss.
 
 MI-DPO proper is the ``sigmoid`` link (−log σ(z)). The others are TRL's loss types written
-on the same implicit reward r(y) = α·g((S^π(y) − log ζ(y)) / n(y)) (spec §2.9–2.12, §2.20–23):
-a link sees ``Scores`` and returns the loss of each pair, ``[B]``.
-Formulas follow trl@f2cd577 ``DPOTrainer._compute_loss``; TRL's ``beta`` is our ``alpha``.
+on the same implicit reward r(y) = α·s(y), s the score of the log-ratio S^π(y) − log ζ(y)
+(``mipo.scores``; spec §2.9–2.12, §2.20–23): a link sees ``Scores`` and returns the loss of
+each pair, ``[B]``. Formulas follow TRL 1.16 ``DPOTrainer._compute_loss``; TRL's ``beta`` is
+our ``alpha``. ``label_smoothing`` is read by the links that declare it (robust, exo_pair,
+aot, aot_unpaired, and cdpo, our cDPO): TRL's ``sigmoid`` has none.
 """
 
 import jax
@@ -17,14 +19,23 @@ LINKS = Registry("link")
 log_sigmoid = jax.nn.log_sigmoid
 
 
+# Links that read a pair only through its score difference (z, or h = s_w − s_l): the ones
+# an f-divergence score generalises to. TRL 1.16 rejects a score on the others ("The f-DPO
+# reparameterization leaves a β·log Z(x) term that only cancels in the chosen-rejected reward
+# difference"), and so does ``losses.validate``.
+DIFFERENCE_LINKS = ("sigmoid", "cdpo", "hinge", "ipo", "exo_pair", "robust", "discopop")
+
+
 @struct.dataclass
 class Scores:
-    """Per-pair scores on the pair axis ``[B, 2]`` (index 0 chosen)."""
+    """Per-pair scores on the pair axis ``[B, 2]`` (index 0 chosen); n(y) = |y| under
+    ``normalize='mean'``, 1 under 'sum'."""
 
     policy: Float[Array, "B 2"]  # S^π(y) / n(y)
     prior: Float[Array, "B 2"]  # log ζ(y) / n(y)
-    logratio: Float[Array, "B 2"]  # g(policy − prior)
-    rewards: Float[Array, "B 2"]  # alpha · logratio
+    logratio: Float[Array, "B 2"]  # ρ(y) = S^π(y) − log ζ(y), summed (TRL's *_logratios)
+    score: Float[Array, "B 2"]  # g(ρ)/n (trl_order) or g(ρ/n): what the links read
+    rewards: Float[Array, "B 2"]  # alpha · score
     margin: Float[Array, ""]  # subtracted from z (SimPO γ)
     valid: Float[Array, " B"]  # 1 for pairs that count; batch-coupled links sort only these
 
@@ -38,10 +49,16 @@ def _smoothed_logistic(u, eps):
     return -(1.0 - eps) * log_sigmoid(u) - eps * log_sigmoid(-u)
 
 
-@LINKS.register("sigmoid", label_smoothing=0.0)
+@LINKS.register("sigmoid")
 def sigmoid(s, cfg):
-    """DPO / MI-DPO: −log σ(z). With ``label_smoothing`` ε > 0 this is cDPO (Mitchell 2023):
-    −(1−ε) log σ(z) − ε log σ(−z)."""
+    """DPO / MI-DPO: −log σ(z) (TRL's ``sigmoid``: no label smoothing)."""
+    return -log_sigmoid(s.z)
+
+
+@LINKS.register("cdpo", label_smoothing=0.1)
+def cdpo(s, cfg):
+    """cDPO (Mitchell 2023, Eq. 3): −(1−ε) log σ(z) − ε log σ(−z), soft labels ε =
+    ``label_smoothing`` (TRL v0.19's ``sigmoid`` with label smoothing)."""
     return _smoothed_logistic(s.z, cfg.label_smoothing)
 
 
@@ -60,11 +77,11 @@ def hinge(s, cfg):
 
 @LINKS.register("ipo")
 def ipo(s, cfg):
-    """IPO (Azar et al. 2023, Eq. 17): (h − 1/(2τ))² with τ = alpha and h = g_w − g_l.
+    """IPO (Azar et al. 2023, Eq. 17): (h − 1/(2τ))² with τ = alpha and h = s_w − s_l.
 
-    TRL averages the log-ratios per token (use ``normalize='mean'``, as configs/ipo.py does).
+    TRL averages the scores per token (use ``normalize='mean'``, as configs/ipo.py does).
     """
-    h = s.logratio[:, 0] - s.logratio[:, 1]
+    h = s.score[:, 0] - s.score[:, 1]
     return (h - 1.0 / (2.0 * cfg.alpha)) ** 2
 
 
@@ -92,9 +109,9 @@ def bco_pair(s, cfg):
 
 @LINKS.register("sppo_hard")
 def sppo_hard(s, cfg):
-    """SPPO-hard (Wu et al. 2024): (g_w − 1/(2α))² + (g_l + 1/(2α))²."""
+    """SPPO-hard (Wu et al. 2024): (ρ_w − 1/(2α))² + (ρ_l + 1/(2α))²."""
     half = 0.5 / cfg.alpha
-    return (s.logratio[:, 0] - half) ** 2 + (s.logratio[:, 1] + half) ** 2
+    return (s.score[:, 0] - half) ** 2 + (s.score[:, 1] + half) ** 2
 
 
 @LINKS.register("apo_zero")
@@ -151,4 +168,4 @@ def aot(s, cfg):
 @LINKS.register("aot_unpaired", label_smoothing=0.0)
 def aot_unpaired(s, cfg):
     """AOT unpaired (TRL v0.19 ``aot_pair``): sort ρ_w and ρ_l separately, subtract."""
-    return _sorted_delta_loss(s.logratio[:, 0], s.logratio[:, 1], s, cfg)
+    return _sorted_delta_loss(s.score[:, 0], s.score[:, 1], s, cfg)

@@ -4,9 +4,21 @@
 
 assembled from a config: a prior ζ (``cfg.prior.name``), optional length normalisation
 (``cfg.normalize``), an optional f-divergence score, one or more link functions with weights
-(``cfg.links``/``cfg.link_weights``; ``sigmoid`` is MI-DPO proper), optional WPO pair
-weights and extra terms (SFT/NLL, SparsePO's L1 on masks, the mutual-information term of a
-learnable prior). Nothing here branches on an algorithm's name.
+(``cfg.links``/``cfg.link_weights``; ``sigmoid`` is MI-DPO proper), a pair weighting
+(``cfg.weighting``: WPO) and extra terms (``losses.terms``: SFT/NLL, SparsePO's L1 on masks,
+the mutual-information term of a learnable prior). Each part is registered with the batch
+inputs it needs (``losses.needs`` derives what a config reads). Nothing here branches on an
+algorithm's name.
+
+Where TRL 1.16 and the MI-DPO mathematics order things differently, ``cfg.trl_order`` picks:
+with ``normalize='mean'`` and an f-divergence score g, TRL's ``ipo`` and ``sigmoid_norm``
+take the score of the summed log-ratio and then divide by the length, s = g(ρ)/|y| (the
+default, ``trl_order=True``, so TRL users get TRL's numbers), while MI-DPO on the
+length-normalised policy π^{1/|y|} scores its log-ratio, s = g(ρ/|y|) (``trl_order=False``).
+With g = ρ (``reverse_kl``) or ``normalize='sum'`` both are the same. Metrics follow TRL:
+``rewards/*`` are α·ρ on the summed log-ratio whatever the score and normalisation; where the
+links' α·s differs from it (``normalize='mean'`` or another score) it is logged beside them
+as ``scores/*``.
 
 Everything runs in float32 (float64 under x64) whatever the input dtype. Pairs whose chosen
 or rejected completion is empty are excluded from the loss and metrics and counted in
@@ -21,8 +33,9 @@ import jax
 import jax.numpy as jnp
 
 from mipo_jax.losses import terms
-from mipo_jax.losses.fdiv import FDIVS
+from mipo_jax.losses.fdiv import FDIVS, IDENTITY
 from mipo_jax.losses.links import LINKS, Scores
+from mipo_jax.losses.weighting import WEIGHTINGS
 from mipo_jax.metrics import Metric, weighted_mean
 from mipo_jax.priors import PRIORS, lengths, seq_sum
 from mipo_jax.types import CHOSEN, REJECTED, TokenInputs, compute_dtype
@@ -48,24 +61,20 @@ def pair_validity(inputs: TokenInputs) -> tuple[jax.Array, jax.Array]:
 
 
 def scores(inputs: TokenInputs, cfg, valid=None) -> Scores:
-    """Per-pair policy, prior, log-ratio and reward scores for the configured prior."""
+    """Per-pair policy, prior, log-ratio, score and reward for the configured prior."""
     log_zeta = PRIORS.get(cfg.prior.name).fn(inputs, cfg)
     pol = seq_sum(inputs.policy, inputs.mask)
+    rho = pol - log_zeta
+    g = FDIVS.get(cfg.f_divergence).fn
     if cfg.normalize == "mean":
         n = jnp.maximum(lengths(inputs.mask), 1.0)
         pol, log_zeta = pol / n, log_zeta / n
-    g = FDIVS.get(cfg.f_divergence).fn(pol - log_zeta, cfg)
+        score = g(rho, cfg) / n if cfg.get("trl_order", True) else g(rho / n, cfg)
+    else:
+        score = g(rho, cfg)
     margin = jnp.asarray(cfg.margin, pol.dtype)
     valid = jnp.ones(pol.shape[:1], pol.dtype) if valid is None else valid
-    return Scores(pol, log_zeta, g, cfg.alpha * g, margin, valid)
-
-
-def _wpo_weights(inputs: TokenInputs) -> jax.Array:
-    """WPO (Zhou et al. 2024): w(y_w)·w(y_l), w(y) = exp(mean_t[ℓ^π_t − log Σ_v π²]), no grad."""
-    inputs.require("logsumsq", who="weighting 'wpo'")
-    n = jnp.maximum(lengths(inputs.mask), 1.0)
-    per_seq = seq_sum(inputs.policy - inputs.logsumsq, inputs.mask) / n
-    return jax.lax.stop_gradient(jnp.exp(jnp.sum(per_seq, axis=-1)))
+    return Scores(pol, log_zeta, rho, score, cfg.alpha * score, margin, valid)
 
 
 def mipo_loss(
@@ -87,7 +96,7 @@ def mipo_loss(
     inputs = inputs.astype(compute_dtype(inputs.policy))
     valid, empty = pair_validity(inputs)
     s = scores(inputs, cfg, valid)
-    pair_w = valid * (_wpo_weights(inputs) if cfg.weighting == "wpo" else 1.0)
+    pair_w = valid * WEIGHTINGS.get(cfg.weighting).fn(inputs)
 
     norm = dict(normalizers or {})
     pairs = norm.get("pairs", jnp.sum(valid))
@@ -100,19 +109,9 @@ def mipo_loss(
         loss += weight * component.total / jnp.maximum(pairs, 1.0)
         if len(cfg.links) > 1:
             metrics[f"loss/{name}"] = component
-    if cfg.sft_weight:
-        nll = terms.sft(inputs, valid)
-        loss += cfg.sft_weight * nll.total / jnp.maximum(norm.get("sft_tokens", nll.count), 1.0)
-        metrics["loss/sft"] = nll
-    if cfg.l1_mask_u or cfg.l1_mask_d:
-        l1 = terms.l1_masks(inputs, valid, cfg.l1_mask_u, cfg.l1_mask_d)
-        loss += l1.total / jnp.maximum(pairs, 1.0)
-        metrics["loss/l1_mask"] = l1
-    if cfg.mi_weight:
-        mi = terms.mutual_information(inputs)
-        # Sample weights may sum to less than one (exact enumeration), so no clamp at 1.
-        loss += cfg.mi_weight * mi.total / jnp.maximum(norm.get("samples", mi.count), 1e-30)
-        metrics["loss/mi"] = mi
+    for name in terms.active(cfg):
+        contribution, metrics[f"loss/{name}"] = terms.TERMS.get(name).fn(inputs, cfg, valid, norm)
+        loss += contribution
 
     # "loss" merges exactly across micro-batches given global normalizers (count = this
     # batch's share, summing to 1); without them it is a pair-weighted mean, exact when all
@@ -122,19 +121,29 @@ def mipo_loss(
         metrics["loss"] = Metric(loss, share.astype(loss.dtype))
     else:
         metrics["loss"] = Metric(loss * jnp.sum(valid), jnp.sum(valid))
-    metrics.update(_pair_metrics(inputs, s, valid, empty))
+    metrics.update(_pair_metrics(inputs, cfg, s, valid, empty))
     return loss, metrics
 
 
-def _pair_metrics(inputs, s: Scores, valid, empty) -> dict[str, Metric]:
-    r = jax.lax.stop_gradient(s.rewards)
-    logps = jax.lax.stop_gradient(seq_sum(inputs.policy, inputs.mask))
-    prior = jax.lax.stop_gradient(s.prior)
-    out = {
-        "rewards/chosen": weighted_mean(r[:, CHOSEN], valid),
-        "rewards/rejected": weighted_mean(r[:, REJECTED], valid),
-        "rewards/margins": weighted_mean(r[:, CHOSEN] - r[:, REJECTED], valid),
-        "rewards/accuracies": weighted_mean((r[:, CHOSEN] > r[:, REJECTED]).astype(r.dtype), valid),
+def _reward_metrics(prefix: str, r, valid) -> dict[str, Metric]:
+    return {
+        f"{prefix}/chosen": weighted_mean(r[:, CHOSEN], valid),
+        f"{prefix}/rejected": weighted_mean(r[:, REJECTED], valid),
+        f"{prefix}/margins": weighted_mean(r[:, CHOSEN] - r[:, REJECTED], valid),
+        f"{prefix}/accuracies": weighted_mean(
+            (r[:, CHOSEN] > r[:, REJECTED]).astype(r.dtype), valid
+        ),
+    }
+
+
+def _pair_metrics(inputs, cfg, s: Scores, valid, empty) -> dict[str, Metric]:
+    sg = jax.lax.stop_gradient
+    logps = sg(seq_sum(inputs.policy, inputs.mask))
+    prior = sg(s.prior)
+    out = _reward_metrics("rewards", sg(cfg.alpha * s.logratio), valid)  # TRL's β·ρ
+    if cfg.normalize == "mean" or cfg.f_divergence != IDENTITY:
+        out.update(_reward_metrics("scores", sg(s.rewards), valid))  # what the links read
+    out |= {
         "logps/chosen": weighted_mean(logps[:, CHOSEN], valid),
         "logps/rejected": weighted_mean(logps[:, REJECTED], valid),
         "prior/chosen": weighted_mean(prior[:, CHOSEN], valid),

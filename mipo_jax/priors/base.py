@@ -5,6 +5,14 @@ sequence-level prior log-score ``[B, 2]`` for the chosen and rejected responses,
 ``cfg`` is the loss config (``cfg.alpha``, ``cfg.prior.<param>``). Token-factorised priors
 (spec §1.3) build per-token scores λ_t and sum them under the completion mask. Whether ζ
 carries a gradient is the prior's business: the loss never wraps it in ``stop_gradient``.
+
+Each prior is registered with the batch inputs it needs, words of
+:data:`mipo_jax.types.NEEDS`: ``reference`` (summed reference log-probs suffice: a live
+model, a per-token cache or dataset columns), ``reference_tokens`` (per-token ones),
+``kl``, ``token_weights``, ``mask_u``, ``prior``... The trainer derives from them what to
+compute and which reference modes and extra modules a config needs
+(:func:`mipo_jax.losses.requirements`); ``tests/losses/test_needs.py`` checks each
+declaration against a trace of the loss.
 """
 
 import jax.numpy as jnp

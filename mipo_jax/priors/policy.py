@@ -12,7 +12,7 @@ def _policy_seq(inputs):
     return seq_sum(inputs.policy, inputs.mask)
 
 
-@PRIORS.register("length_normalized")
+@PRIORS.register("length_normalized", needs=("reference",))
 def length_normalized(inputs, cfg):
     """sigmoid_norm (TRL; Tülu-3 length-normalised DPO): log ζ = S^π − ρ/|y|.
 
@@ -37,7 +37,7 @@ def simpo(inputs, cfg):
     return (1.0 - 1.0 / n) * pol + sign * cfg.prior.gamma / (2.0 * cfg.alpha)
 
 
-@PRIORS.register("sequential_kl", kl_coef=1.0, stop_grad_chosen=False)
+@PRIORS.register("sequential_kl", needs=("reference", "kl"), kl_coef=1.0, stop_grad_chosen=False)
 def sequential_kl(inputs, cfg):
     """TDPO (Zeng et al. 2024; spec §2.6): λ_t = ℓ^ref_t − c·KL_t(π_ref ‖ π_θ).
 
@@ -52,7 +52,7 @@ def sequential_kl(inputs, cfg):
     return reference_seq(inputs, who) - cfg.prior.kl_coef * seqkl
 
 
-@PRIORS.register("token_weighted")
+@PRIORS.register("token_weighted", needs=("reference_tokens", "token_weights"))
 def token_weighted(inputs, cfg):
     """TIS-DPO (Liu et al. 2025; spec §2.7): λ_t = (1 − w_t) ℓ^π_t + w_t ℓ^ref_t.
 
@@ -65,7 +65,7 @@ def token_weighted(inputs, cfg):
     return seq_sum((1.0 - w) * inputs.policy + w * ref, inputs.mask)
 
 
-@PRIORS.register("sparse_masks")
+@PRIORS.register("sparse_masks", needs=("reference_tokens", "kl", "mask_u"))
 def sparse_masks(inputs, cfg):
     """SparsePO (Christopoulou et al. 2024; spec §2.8).
 
@@ -88,7 +88,7 @@ def _ld_coefficients(mask, ld_alpha):
     return jnp.where(position <= l_p, 1.0, ld_alpha).astype(mask.dtype)
 
 
-@PRIORS.register("length_desensitized", ld_alpha=1.0)
+@PRIORS.register("length_desensitized", needs=("reference_tokens",), ld_alpha=1.0)
 def length_desensitized(inputs, cfg):
     """LD-DPO (Liu et al. 2024; TRL HEAD ``ld_alpha``; spec §2.24).
 
@@ -101,7 +101,7 @@ def length_desensitized(inputs, cfg):
     return seq_sum(c * ref + (1.0 - c) * inputs.policy, inputs.mask)
 
 
-@PRIORS.register("dpop", dpop_lambda=50.0)
+@PRIORS.register("dpop", needs=("reference",), dpop_lambda=50.0)
 def dpop(inputs, cfg):
     """DPOP / Smaug (Pal et al. 2024; spec §2.19), label-dependent and θ-dependent.
 
@@ -131,7 +131,7 @@ def odds(inputs, cfg):
     return n * log1mexp(avg)
 
 
-@PRIORS.register("learned")
+@PRIORS.register("learned", needs=("prior",))
 def learned(inputs, cfg):
     """A learnable prior ζ_φ(y): a prompt-free model trained jointly with π (spec §1.2, §1.5).
 

@@ -8,13 +8,13 @@ import jax.numpy as jnp
 from mipo_jax.priors.base import PRIORS, lengths, reference_seq
 
 
-@PRIORS.register("reference")
+@PRIORS.register("reference", needs=("reference",))
 def reference(inputs, cfg):
     """DPO (Rafailov et al. 2023, Eq. 7): ζ(y|x) = π_ref(y|x), so log ζ = S^ref."""
     return reference_seq(inputs, "prior 'reference'")
 
 
-@PRIORS.register("previous_policy")
+@PRIORS.register("previous_policy", needs=("reference",))
 def previous_policy(inputs, cfg):
     """DICE / SPIN (spec §2.2, §2.18): ζ = π_{t-1}, the previous round's policy.
 
@@ -24,7 +24,7 @@ def previous_policy(inputs, cfg):
     return reference_seq(inputs, "prior 'previous_policy'")
 
 
-@PRIORS.register("tempered_reference", temperature=1.0)
+@PRIORS.register("tempered_reference", needs=("reference",), temperature=1.0)
 def tempered_reference(inputs, cfg):
     """H-DPO (Omura et al. 2024; spec §2.3): ζ = π_ref^{1/a}, λ_t = ℓ^ref_t / a.
 
@@ -34,7 +34,7 @@ def tempered_reference(inputs, cfg):
     return reference_seq(inputs, "prior 'tempered_reference'") / cfg.prior.temperature
 
 
-@PRIORS.register("length_tilted_reference", length_coef=0.0)
+@PRIORS.register("length_tilted_reference", needs=("reference",), length_coef=0.0)
 def length_tilted_reference(inputs, cfg):
     """R-DPO (Park et al. 2024; spec §2.5): ζ = π_ref · exp(−α_R |y| / β).
 

@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 
 from mipo_jax.losses import loss_config, mipo_loss, validate
 from mipo_jax.losses.fdiv import FDIVS
-from mipo_jax.losses.links import LINKS
+from mipo_jax.losses.links import DIFFERENCE_LINKS, LINKS
 from mipo_jax.metrics import merge
 from mipo_jax.priors import PRIORS
 from mipo_jax.types import TokenInputs
@@ -47,8 +47,8 @@ N_SAMPLES = 3
 
 # Links that see a pair only through its logit z (or h = g_w − g_l), and AOT's sorted
 # difference of differences: invariant to a per-pair constant in log ζ.
-Z_LINKS = ("sigmoid", "robust", "hinge", "ipo", "discopop", "exo_pair", "aot")
-SMOOTHING = {"robust": 0.1, "exo_pair": 1e-3, "sigmoid": 0.0, "aot": 0.0, "aot_unpaired": 0.0}
+Z_LINKS = ("sigmoid", "cdpo", "robust", "hinge", "ipo", "discopop", "exo_pair", "aot")
+SMOOTHING = {"robust": 0.1, "exo_pair": 1e-3, "cdpo": 0.1, "aot": 0.0, "aot_unpaired": 0.0}
 
 
 # ------------------------------------------------------------------------ random batches
@@ -232,7 +232,8 @@ def test_swap_antisymmetry(shape, prior, normalize, alpha):
         cfg = cfg_of(*prior, alpha=alpha, normalize=normalize)
         loss, metrics = mipo_loss(as_inputs(f), cfg)
         loss_swapped = mipo_loss(as_inputs(swap(f)), cfg)[0]
-        close(loss - loss_swapped, -metrics["rewards/margins"].value)
+        margins = metrics.get("scores/margins", metrics["rewards/margins"])  # α(s_w − s_l)
+        close(loss - loss_swapped, -margins.value)
         if prior[0] == "reference":  # z from its formula
             n = np.sum(f["mask"], -1) if normalize == "mean" else 1.0
             rho = (seq(f["policy"], f["mask"]) - seq(f["reference"], f["mask"])) / n
@@ -285,9 +286,11 @@ SHIFT_LINKS = tuple(n for n in LINKS.names() if n != "aot")  # AOT sorts S^π an
     st.sampled_from(FDIVS.names()),
     st.sampled_from(["sum", "mean"]),
     st.floats(0.05, 2.0),
+    st.booleans(),
 )
-def test_joint_shift_of_policy_and_prior(shape, prior, link, fdiv, normalize, alpha):
-    """(iv) (log π, log ζ) → (+g(y), +g(y)) leaves loss and ∇_policy unchanged."""
+def test_joint_shift_of_policy_and_prior(shape, prior, link, fdiv, normalize, alpha, trl_order):
+    """(iv) (log π, log ζ) → (+g(y), +g(y)) leaves loss and ∇_policy unchanged (in either
+    order of score and length normalisation; scores only on the links that take them)."""
     with jax.enable_x64(True):
         b, t, seed = shape
         name, params, scale = prior  # the field shift that moves log ζ by g
@@ -295,8 +298,15 @@ def test_joint_shift_of_policy_and_prior(shape, prior, link, fdiv, normalize, al
         g = np.random.default_rng(seed + 2).normal(0.0, 3.0, (b, 2, t))
         field = "prior" if name == "learned" else "reference"
         shifted = {**f, "policy": f["policy"] + g, field: f[field] + scale * g}
+        fdiv = fdiv if link in DIFFERENCE_LINKS else "reverse_kl"
         cfg = cfg_of(
-            name, params, alpha=alpha, links=(link,), f_divergence=fdiv, normalize=normalize
+            name,
+            params,
+            alpha=alpha,
+            links=(link,),
+            f_divergence=fdiv,
+            normalize=normalize,
+            trl_order=trl_order,
         )
         v0, g0 = value_and_grads(cfg, f)
         v1, g1 = value_and_grads(cfg, shifted)
@@ -437,7 +447,7 @@ def test_closed_form_gradients(shape, alpha, eps):
         )
         _, g = value_and_grads(cfg_of(alpha=alpha), f)
         close(g["policy"], per_token(-alpha * U.sigmoid(-z)))
-        _, g = value_and_grads(cfg_of(alpha=alpha, label_smoothing=eps), f)
+        _, g = value_and_grads(cfg_of(alpha=alpha, links=("cdpo",), label_smoothing=eps), f)
         close(g["policy"], per_token(alpha * (U.sigmoid(z) - (1 - eps))))
         _, g = value_and_grads(cfg_of(alpha=alpha, links=("ipo",)), f)
         close(g["policy"], per_token(2.0 * (h - 1.0 / (2.0 * alpha))), 1e-9)
