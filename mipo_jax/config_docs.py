@@ -33,12 +33,14 @@ DOCS = {
     "loss.prior.dpop_lambda": "dpop (DPO-Positive): λ of the chosen-likelihood penalty",
     "loss.links": "link function(s) turning the logit into a loss (TRL's loss_type names)",
     "loss.link_weights": "one weight per link (a mixture, as TRL's loss_weights)",
-    "loss.label_smoothing": "ε of cDPO / robust / EXO / AOT",
+    "loss.label_smoothing": "ε of the cdpo / robust / exo_pair / aot links",
     "loss.discopop_tau": "DiscoPOP's τ",
     "loss.f_divergence": "score of the log-ratio: reverse_kl (DPO) | forward_kl | "
     "js_divergence | alpha_divergence",
     "loss.f_alpha": "alpha_divergence's α",
     "loss.weighting": "none | wpo (WPO's per-pair weights)",
+    "loss.trl_order": "True: score then length-normalise, as TRL (ipo, sigmoid_norm); False: "
+    "MI-DPO's g(ρ/|y|)",
     "loss.sft_weight": "weight of the chosen response's NLL (RPO, CPO, ORPO)",
     "loss.l1_mask_u": "SparsePO's λ_u (L1 of the reward mask)",
     "loss.l1_mask_d": "SparsePO's λ_d (L1 of the KL mask)",

@@ -5,6 +5,7 @@ Each error names the key, its value and what is allowed. The loss section is che
 """
 
 from mipo_jax.data import LAYOUTS
+from mipo_jax.losses import check_reference_mode, requirements
 from mipo_jax.losses import validate as validate_loss
 from mipo_jax.models.config import DTYPES, FAMILIES, REMAT_POLICIES
 from mipo_jax.train.optim import OPTIMIZERS, SCHEDULES
@@ -90,28 +91,34 @@ def _check_token_weights(tw) -> None:
 
 
 def _check_algorithm_state(config) -> None:
-    prior = config.loss.prior.name
-    needs_live = (
-        prior in ("sequential_kl", "sparse_masks") or "ref_sync" in config or "rounds" in config
-    )
-    if needs_live and config.reference.mode != "live":
+    mode = config.reference.mode
+    modules = ()
+    if config.objective == "paired":  # what the loss's parts declare (mipo_jax.losses.needs)
+        check_reference_mode(config.loss, mode)
+        modules = requirements(config.loss).modules
+    if ("ref_sync" in config or "rounds" in config) and mode != "live":
         raise ValueError(
-            f"reference.mode={config.reference.mode!r}: {config.algorithm} needs a live reference "
-            "(per-token KL to the full reference distribution, or a reference that moves); "
-            "use reference.mode='live'"
+            f"reference.mode={mode!r}: {config.algorithm}'s reference moves during the run "
+            "(TR-DPO's sync, DICE/SPIN's previous policy), so no cache holds it; use "
+            "reference.mode='live'"
         )
-    if config.objective == "unpaired" and config.kto.loss_type == "kto":
-        if config.reference.mode != "live":
+    if config.objective == "unpaired" and config.kto.loss_type == "kto" and mode != "live":
+        raise ValueError(
+            f"reference.mode={mode!r}: KTO's reference point z_0 scores each prompt with "
+            "another example's completion, pairs that change with every batch and that no "
+            "cache or dataset column holds; use reference.mode='live'"
+        )
+    if "prior" in modules and config.loss.prior.name != "learned":
+        raise ValueError(
+            f"loss.mi_weight={config.loss.mi_weight}: the mutual-information term trains a "
+            "learnable prior; it needs loss.prior.name='learned' (configs/mipo_learned.py)"
+        )
+    for module, section in (("mask_net", "mask_net"), ("prior", "prior_model")):
+        if module in modules and section not in config:
             raise ValueError(
-                f"reference.mode={config.reference.mode!r}: KTO's reference point z_0 scores "
-                "each prompt with another example's completion, pairs that change with every "
-                "batch and that no cache or dataset column holds; use reference.mode='live'"
-            )
-    if config.reference.mode == "dataset" and config.objective == "paired":
-        if prior in ("token_weighted", "sparse_masks", "length_desensitized"):
-            raise ValueError(
-                f"reference.mode='dataset' gives sequence-level log-probs; prior {prior!r} needs "
-                "per-token ones: use 'live' or 'cached'"
+                f"prior {config.loss.prior.name!r} trains a {module} next to the policy and "
+                f"needs a '{section}' section: start from configs/"
+                f"{'sparsepo' if module == 'mask_net' else 'mipo_learned'}.py"
             )
     if "prior_model" in config and config.data.layout != "padded" and config.loss.mi_weight:
         raise ValueError("the learnable prior's policy samples need data.layout='padded'")

@@ -19,6 +19,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from mipo_jax.models import CausalLM, ModelConfig
+from mipo_jax.train import needs
 from mipo_jax.train import state as st
 from mipo_jax.train.sparsepo import SparseMasks
 
@@ -111,7 +112,8 @@ def copy_params(params):
 def build_extras(config, policy: ModelConfig, mesh, seed: int) -> dict:
     """``{name: (graphdef, params, shardings)}`` of the modules trained with the policy."""
     out = {}
-    if config.loss.prior.name == "sparse_masks":
+    modules = needs.extra_modules(config)
+    if "mask_net" in modules:
         net = config.mask_net
         make = lambda: SparseMasks(
             policy.num_layers,
@@ -130,7 +132,7 @@ def build_extras(config, policy: ModelConfig, mesh, seed: int) -> dict:
                     "probability 2^-num_layers); change seed",
                     name,
                 )
-    if config.loss.prior.name == "learned":
+    if "prior" in modules:
         prior_cfg = dataclasses.replace(policy, num_layers=int(config.prior_model.num_layers))
         make = lambda: CausalLM(prior_cfg, rngs=nnx.Rngs(seed + 2))
         out["prior"] = st.create_params(make, mesh)

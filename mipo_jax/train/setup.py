@@ -173,10 +173,10 @@ def build(
     log.info("policy: %s (%s)", policy.source, _count(policy.params))
 
     fields = needs.loss_fields(config)
-    live = needs.live_reference(config, fields)
+    live = needs.live_reference(config)
     reference = modules.copy_params(policy.params) if live else None
-    ref_source = policy.source if needs.needs_reference(config, fields) else "none"
-    if config.reference.mode == "cached" and needs.needs_reference(config, fields):
+    ref_source = policy.source if needs.needs_reference(config) else "none"
+    if config.reference.mode == "cached" and needs.needs_reference(config):
         _attach_caches(config, policy, [d for d in (train_data, eval_data) if d], batch_sharding)
         ref_source = f"{policy.source} (cached log-probs)"
 

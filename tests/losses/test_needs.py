@@ -4,11 +4,13 @@ Every prior, f-divergence, weighting, link and term declares the ``TokenInputs``
 reads (``needs=``). Here each declaration meets a trace of ``mipo_loss`` (``jax.eval_shape``):
 with exactly the declared fields present the loss traces, without any one of them it fails,
 and a per-token reference need rejects sequence-level reference log-probs. The derived set of
-every config equals what the trainer's tracing search (``mipo_jax.train.step.required_fields``)
+every config equals what a tracing search finds (`traced_fields`, below: trace the loss,
+read which fields it asks for, repeat)
 finds, and the derived reference modes and modules equal the trainer's hand-written rules.
 """
 
 import importlib
+import re
 
 import jax
 import jax.numpy as jnp
@@ -127,19 +129,17 @@ def paired_configs():
 
 @pytest.mark.parametrize("config", paired_configs())
 def test_derived_inputs_equal_the_tracing_search(config):
-    """``required_fields`` leaves out the policy samples' fields (the step fills them with
-    ``prior``); the declarations name them, exactly when the MI term is on."""
-    from mipo_jax.train.step import required_fields
-
+    """``traced_fields`` leaves out the policy samples' fields (they come with ``prior``);
+    the declarations name them, exactly when the MI term is on."""
     derived = required_inputs(config.loss)
-    assert derived - SAMPLE_FIELDS == required_fields(config.loss)
+    assert derived - SAMPLE_FIELDS == traced_fields(config.loss)
     assert (SAMPLE_FIELDS <= derived) == bool(config.loss.mi_weight)
 
 
 @pytest.mark.parametrize("config", paired_configs())
 def test_reference_modes_and_modules_equal_the_trainers_rules(config):
     """Against ``mipo_jax.train.checks.validate`` (which reference modes it accepts) and the
-    conditions of ``mipo_jax.train.models.build_extras`` (which modules it builds)."""
+    modules the trainer builds for the learnable prior and SparsePO."""
     from mipo_jax.train import checks
 
     req = requirements(config.loss)
@@ -186,3 +186,35 @@ def test_requirements_of_a_few_setups():
     assert requirements(learned).inputs == {"prior"} | SAMPLE_FIELDS
     with pytest.raises(ValueError, match="choose one of: live, cached, dataset"):
         check_reference_mode(tdpo, "frozen")
+
+
+_MISSING = re.compile(r"needs TokenInputs field\(s\) \[([^\]]*)\]")
+OPTIONAL_FIELDS = ("reference", "kl", "token_weights", "mask_u", "logsumsq", "prior")
+
+
+def traced_fields(loss_cfg) -> frozenset:
+    """The ``TokenInputs`` fields ``mipo_loss`` reads under ``loss_cfg``, found by tracing.
+
+    Traces the loss (shapes only) with the fields found so far and adds the ones it asks
+    for. ``mask_d`` and the prior samples follow from ``mask_u`` and ``prior``.
+    """
+    shape = jax.ShapeDtypeStruct((2, 2, 3), jnp.float32)
+    fields: set[str] = set()
+    for _ in range(len(OPTIONAL_FIELDS) + 1):
+        extra = {f: jnp.zeros(shape.shape) for f in fields}
+        if "prior" in fields:
+            extra.update(prior_samples=jnp.zeros((2, 3)), prior_samples_mask=jnp.ones((2, 3)))
+        args = TokenInputs(policy=jnp.zeros(shape.shape), mask=jnp.ones(shape.shape), **extra)
+        try:
+            jax.eval_shape(lambda a: mipo_loss(a, loss_cfg), args)
+            return frozenset(fields)
+        except ValueError as err:
+            found = _MISSING.search(str(err))
+            if not found:
+                raise
+            names = {n.strip(" '\"") for n in found.group(1).split(",")}
+            names -= {"prior_samples", "prior_samples_mask"}
+            if not names - fields:
+                raise
+            fields |= names
+    raise RuntimeError(f"could not resolve the loss's inputs: {sorted(fields)}")

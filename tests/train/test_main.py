@@ -173,5 +173,5 @@ def test_default_config_validates_and_tdpo_refuses_cache():
     default.get_config()  # the demo's config
     config = tdpo.get_config("tiny")
     config.reference.mode = "cached"
-    with pytest.raises(ValueError, match="needs a live reference"):
+    with pytest.raises(ValueError, match="only reference.mode='live' gives"):
         checks.validate(config)

@@ -11,10 +11,10 @@ import optax
 import pytest
 from flax import nnx
 
-from mipo_jax.losses import loss_config
+from mipo_jax.losses import loss_config, required_inputs
 from mipo_jax.models import CausalLM, ModelConfig
 from mipo_jax.sharding import make_mesh
-from mipo_jax.train import needs, optim, step_batch
+from mipo_jax.train import optim, step_batch
 from mipo_jax.train import state as st
 from mipo_jax.train import step as sp
 
@@ -63,7 +63,7 @@ def make_spec(graph, loss, accum=1, lr=1e-3):
         dict(name="adamw", learning_rate=lr, warmup_steps=0, schedule="constant", clip_norm=1.0)
     )
     tx, sched = optim.make_optimizer(opt, 10)
-    fields = needs.required_fields(loss)
+    fields = required_inputs(loss)
     return sp.StepSpec(
         graphs=(("policy", graph),),
         ref_graph=graph,
@@ -156,15 +156,6 @@ def test_sharded_step_equals_unsharded():
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
     for k in m1:
         np.testing.assert_allclose(m1[k], m8[k], rtol=1e-5, atol=1e-6, err_msg=k)
-
-
-def test_required_fields_follow_the_loss():
-    assert needs.required_fields(loss_config("reference")) == {"reference"}
-    assert needs.required_fields(loss_config("uniform")) == set()
-    assert needs.required_fields(loss_config("sparse_masks")) == {"reference", "kl", "mask_u"}
-    wpo = loss_config("reference")
-    wpo.weighting = "wpo"
-    assert needs.required_fields(wpo) == {"reference", "logsumsq"}
 
 
 def test_step_zero_is_log2_when_policy_is_reference():
