@@ -109,14 +109,40 @@ HOLDOUT_SEED = 0  # eval_fraction's rows do not depend on data.seed
 def holdout_mask(n: int, fraction: float) -> np.ndarray:
     """[n] bool, True for the ``round(fraction * n)`` (1 .. n-1) held-out rows: fixed rows,
     a function of ``n`` and ``fraction`` only."""
-    if not 0.0 < fraction < 1.0:
-        raise ValueError(f"data.eval_fraction must be in (0, 1), got {fraction}")
     if n < 2:
         raise ValueError(f"data.eval_fraction needs at least 2 rows, the source has {n}")
     k = min(max(round(fraction * n), 1), n - 1)
     mask = np.zeros(n, bool)
     mask[np.random.default_rng(HOLDOUT_SEED).permutation(n)[:k]] = True
     return mask
+
+
+def eval_plan(cfg: mlc.ConfigDict, role="eval", *, train_data=None, eval_data=None) -> tuple:
+    """(train source, eval source or None, eval_fraction, eval split), checked without loading.
+
+    Raises the errors `split_rows` would raise for ``role`` (a trainer can call it before
+    anything starts): eval_fraction out of [0, 1), both an eval source and a fraction, or
+    (eval role) evaluation on a one-split source that has no evaluation split.
+    """
+    fraction = float(cfg.get("eval_fraction", 0.0) or 0.0)
+    train = cfg.source if train_data is None else train_data
+    other = eval_data if eval_data is not None else (cfg.get("eval_source") or None)
+    eval_split = cfg.get("eval_split", "test")
+    if not 0.0 <= fraction < 1.0:
+        raise ValueError(f"data.eval_fraction must be in [0, 1), got {fraction}")
+    if fraction and other is not None:
+        raise ValueError(
+            "set data.eval_fraction or an evaluation source (data.eval_source, eval_data), not both"
+        )
+    no_split = not fraction and other is None and eval_split != cfg.split
+    if role == "eval" and no_split and has_one_split(train):
+        raise ValueError(
+            f"{source_name(train)} is one split (its rows are the training rows), so it has no "
+            f"evaluation split {eval_split!r}: set data.eval_source (or eval_data), "
+            f"data.eval_fraction (held-out training rows), or data.eval_split={cfg.split!r} "
+            "to evaluate on the training rows"
+        )
+    return train, other, fraction, eval_split
 
 
 def split_rows(cfg: mlc.ConfigDict, role: str = "train", *, train_data=None, eval_data=None):
@@ -128,20 +154,15 @@ def split_rows(cfg: mlc.ConfigDict, role: str = "train", *, train_data=None, eva
       rows, the same ones in every run of the same source); else ``eval_source`` (or
       ``eval_data``) at ``eval_split`` (a one-split source is used whole); else the
       training source's split ``eval_split``, which must exist (a one-split source has
-      only its rows: evaluating on them needs ``eval_split == split``).
+      only its rows: evaluating on them needs ``eval_split == split``). See `eval_plan`.
 
     Row numbers in messages and ``example_id`` are always the source's own.
     """
     if role not in ROLES:
         raise ValueError(f"role must be one of {ROLES}, got {role!r}")
-    fraction = float(cfg.get("eval_fraction", 0.0) or 0.0)
-    train = cfg.source if train_data is None else train_data
-    other = eval_data if eval_data is not None else (cfg.get("eval_source") or None)
-    eval_split = cfg.get("eval_split", "test")
-    if fraction and other is not None:
-        raise ValueError(
-            "set data.eval_fraction or an evaluation source (data.eval_source, eval_data), not both"
-        )
+    train, other, fraction, eval_split = eval_plan(
+        cfg, role, train_data=train_data, eval_data=eval_data
+    )
     load = lambda source, split: load_rows(  # noqa: E731
         source, split=split, name=cfg.name, revision=cfg.revision,
         columns=dict(cfg.columns) if cfg.columns else None,
@@ -152,16 +173,7 @@ def split_rows(cfg: mlc.ConfigDict, role: str = "train", *, train_data=None, eva
         return rows.subset(np.flatnonzero(mask if role == "eval" else ~mask))
     if role == "train":
         return load(train, cfg.split)
-    if other is not None:
-        return load(other, eval_split)
-    if has_one_split(train) and eval_split != cfg.split:
-        raise ValueError(
-            f"{source_name(train)} is one split (its rows are the training rows), so it has no "
-            f"evaluation split {eval_split!r}: set data.eval_source (or eval_data), "
-            f"data.eval_fraction (held-out training rows), or data.eval_split={cfg.split!r} "
-            "to evaluate on the training rows"
-        )
-    return load(train, eval_split)
+    return load(other if other is not None else train, eval_split)
 
 
 def tokenize_split(

@@ -13,7 +13,7 @@ import pytest
 from mipo_jax.data import BadInputError, load_rows
 from mipo_jax.data.embedded import load_tokenizer
 from mipo_jax.data.load import SplitNotFoundError, has_one_split, source_kind
-from mipo_jax.data.pipeline import build, data_config, split_rows, tokenize_split
+from mipo_jax.data.pipeline import build, data_config, eval_plan, split_rows, tokenize_split
 
 ROWS = [{"prompt": f"good {i}", "chosen": "great", "rejected": "dull"} for i in range(6)]
 TEST_ROWS = [{"prompt": f"bad {i}", "chosen": "great", "rejected": "dull"} for i in range(3)]
@@ -222,8 +222,12 @@ def test_a_one_split_source_has_no_eval_split_of_its_own(tmp_path):
     path = tmp_path / "d.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in ROWS))
     cfg = data_config(source=str(path))
-    with pytest.raises(ValueError, match=r"d\.jsonl is one split .* data\.eval_fraction"):
-        split_rows(cfg, "eval")
+    assert len(split_rows(cfg, "train")) == 6 and eval_plan(cfg, "train")[0] == str(path)
+    for check in (lambda: split_rows(cfg, "eval"), lambda: eval_plan(cfg)):  # eval_plan: no load
+        with pytest.raises(ValueError, match=r"d\.jsonl is one split .* data\.eval_fraction"):
+            check()
+    with pytest.raises(ValueError, match=r"eval_fraction must be in \[0, 1\), got 1\.0"):
+        eval_plan(data_config(source=str(path), eval_fraction=1.0))
     assert len(split_rows(data_config(source=str(path), eval_split="train"), "eval")) == 6
     other = tmp_path / "e.jsonl"
     other.write_text("".join(json.dumps(r) + "\n" for r in TEST_ROWS))
