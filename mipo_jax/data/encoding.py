@@ -11,13 +11,17 @@ Each row becomes ``prompt`` token ids and one token list per completion, stored 
   add_generation_prompt=True)``; a completion is the template's rendering of
   ``prompt + completion`` minus that prefix. BOS comes only from the template (as in
   ``apply_chat_template(tokenize=True)``), never also from the tokenizer.
+* Every message role must be one the chat template knows (`formats.template_roles`), and
+  one dataset is all strings or all conversations (else ``mixed_formats``).
 * Leading repeated BOS collapse to one. A completion ends at its first EOS (dropping, e.g.,
   the newline a ChatML template writes after ``<|im_end|>``), or gets an EOS appended.
 
 Truncation never cuts a token (it works on token ids, not characters), never removes the
 BOS or the chat template's generation prompt (``<|im_start|>assistant\\n``), drops whole
 conversation turns before cutting inside a message (`PromptCutter`), and never empties a
-completion (such a row is bad input instead). With ``max_completion_length`` a
+completion or a prompt (a prompt keeps at least its BOS or, without one, its last token, so
+the first completion token is predicted from its own sequence; a row that cannot keep one
+prompt and one completion token is bad input instead). With ``max_completion_length`` a
 completion keeps its start (losing its EOS); with ``max_prompt_length`` and ``max_length``,
 ``truncation_mode="keep_end"`` (TRL's default) drops the start of the prompt body first and
 only then completion ends; ``"keep_start"`` drops completion ends.
@@ -35,7 +39,7 @@ import numpy as np
 from mipo_jax.data import formats
 from mipo_jax.data.load import Rows
 from mipo_jax.data.ragged import Ragged
-from mipo_jax.data.report import BadRow, Report
+from mipo_jax.data.report import BadInputError, BadRow, Report
 
 TRUNCATION_MODES = ("keep_end", "keep_start")
 
@@ -121,10 +125,17 @@ class Encoder:
         pad = tokenizer.pad_token_id
         self.pad_id = int(pad if pad is not None else self.eos_id)
 
+    @functools.cached_property
+    def roles(self) -> tuple[str, ...]:
+        """The message roles the tokenizer's chat template knows (`formats.template_roles`)."""
+        return formats.template_roles(getattr(self.tokenizer, "chat_template", None))
+
     def texts(self, record: formats.Record) -> tuple[str, list[str]]:
         """(prompt text, completion texts); chat templates applied for conversational rows."""
         if not record.conversational:
             return record.prompt, list(record.completions)
+        parts = ("prompt", *_parts(len(record.completions)))
+        formats.check_roles(list(zip(parts, (record.prompt, *record.completions))), self.roles)
         render = self.tokenizer.apply_chat_template
         try:
             prompt = render(list(record.prompt), tokenize=False, add_generation_prompt=True)
@@ -221,7 +232,12 @@ class PromptCutter:
 def truncate(
     prompt: list[int], completions: list[list[int]], limits: Limits, cutter: PromptCutter
 ) -> tuple[list[int], list[list[int]]]:
-    """Apply ``limits`` to one example (``cutter`` shortens its prompt)."""
+    """Apply ``limits`` to one example (``cutter`` shortens its prompt).
+
+    The prompt keeps at least one token (its BOS, or with no BOS its last token) so that the
+    first completion token is predicted from a position of its own sequence; a row whose
+    limits leave no room for one prompt and one completion token is `BadRow`.
+    """
     keep_end = limits.truncation_mode == "keep_end"
     cs = completions
     if limits.max_completion_length is not None:
@@ -233,13 +249,14 @@ def truncate(
         longest = max(len(c) for c in cs)
         if len(p) + longest > limits.max_length:
             if keep_end:
-                p = cutter.cut(p, max(limits.max_length - longest, cutter.minimum), True)
+                p = cutter.cut(p, max(limits.max_length - longest, cutter.minimum, 1), True)
             room = limits.max_length - len(p)
             if room < 1:
                 raise BadRow(
                     "empty_after_truncation",
-                    f"the prompt ({len(p)} tokens) leaves no room for a completion within "
-                    f"max_length={limits.max_length} under truncation_mode='keep_start'",
+                    f"the prompt ({len(p)} tokens, at least 1 kept) leaves no room for a "
+                    f"completion within max_length={limits.max_length} under "
+                    f"truncation_mode={limits.truncation_mode!r}",
                 )
             cs = [c[:room] for c in cs]
     if len(cs) == 2 and cs[0] == cs[1]:
@@ -268,9 +285,10 @@ def tokenize_rows(
     report = Report(rows.source, bad_input)
     k = 1 if kind == "unpaired" else 2
     out: dict[str, list] = {"prompt": [], "comp": [], "id": [], "ref": [], "label": []}
+    forms: dict[bool, int] = {}  # conversational? -> first row of that form
     it = rows.iter(0, len(rows))
     while batch := _take(it, chunk):
-        _tokenize_chunk(batch, kind, enc, limits, report, out)
+        _tokenize_chunk(batch, kind, enc, limits, report, out, forms)
     report.kept = len(out["id"])
     if report.kept == 0:
         raise ValueError(f"{rows.source}: no usable rows.\n{report.summary()}")
@@ -297,7 +315,7 @@ def _take(it: Iterable, n: int) -> list:
     return out
 
 
-def _tokenize_chunk(batch, kind, enc: Encoder, limits: Limits, report: Report, out) -> None:
+def _tokenize_chunk(batch, kind, enc: Encoder, limits: Limits, report: Report, out, forms) -> None:
     """Normalise and render a chunk of rows, tokenise all its texts at once, then finish."""
     report.rows += len(batch)
     good: list[tuple[int, formats.Record, str, list[str]]] = []
@@ -307,6 +325,11 @@ def _tokenize_chunk(batch, kind, enc: Encoder, limits: Limits, report: Report, o
             if isinstance(row, BadRow):
                 raise row
             record = formats.normalise(row, kind)
+            forms.setdefault(record.conversational, index)
+            if len(forms) > 1:
+                for i, e in sorted(bad, key=lambda x: x[0]):  # earlier bad rows come first
+                    report.bad(i, e.reason, e.detail)
+                _mixed_formats(report.source, forms)
             good.append((index, record, *enc.texts(record)))
         except BadRow as e:
             bad.append((index, e))
@@ -331,6 +354,15 @@ def _tokenize_chunk(batch, kind, enc: Encoder, limits: Limits, report: Report, o
         out["label"].append(record.label)
     for index, e in sorted(bad, key=lambda x: x[0]):
         report.bad(index, e.reason, e.detail)
+
+
+def _mixed_formats(source: str, forms: dict[bool, int]) -> None:
+    first = {("conversational" if conv else "string"): row for conv, row in forms.items()}
+    raise BadInputError(
+        source, None, "mixed_formats",
+        f"row {first['string']} is in string form and row {first['conversational']} in "
+        "conversational form (lists of {role, content} messages); use one form for every row",
+    )  # fmt: skip
 
 
 def tokenize_records(records: Sequence[dict[str, Any]], tokenizer, **kwargs) -> Tokenized:

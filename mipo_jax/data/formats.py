@@ -36,6 +36,12 @@ _REQUIRED = {
     "unpaired": ("prompt", "completion", "label"),
 }
 _WORD = re.compile(r"\w")
+CHAT_ROLES = ("system", "user", "assistant")
+_ROLE_TESTS = (  # how templates name roles: message['role'] == 'tool', "tool" == m.role, ...
+    re.compile(r"""role['"]?\]?\s*[!=]=\s*['"](\w+)['"]"""),
+    re.compile(r"""['"](\w+)['"]\s*[!=]=\s*[\w.\[\]'"]*role\b"""),
+)
+_ROLE_IN = re.compile(r"""role['"]?\]?\s+(?:not\s+)?in\s+[\[(]([^\])]*)[\])]""")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -135,6 +141,33 @@ def _label(value: Any) -> bool:
     if isinstance(value, bool) or (isinstance(value, int) and value in (0, 1)):
         return bool(value)
     raise BadRow("wrong_type", f"label must be a bool, got {value!r}")
+
+
+def template_roles(template: str | None) -> tuple[str, ...]:
+    """The message roles a chat template knows: system, user, assistant and any it names.
+
+    A template names a role by comparing it (``message['role'] == 'tool'``,
+    ``message.role in ['ipython', 'tool']``); generic templates (ChatML) write any role, so
+    a typo such as ``usr`` would be rendered silently: roles outside this set are bad input.
+    """
+    found = dict.fromkeys(CHAT_ROLES)
+    for source in template.values() if isinstance(template, Mapping) else [template or ""]:
+        for pattern in _ROLE_TESTS:
+            found.update(dict.fromkeys(pattern.findall(source)))
+        for group in _ROLE_IN.findall(source):
+            found.update(dict.fromkeys(re.findall(r"""['"](\w+)['"]""", group)))
+    return tuple(found)
+
+
+def check_roles(fields: Sequence[tuple[str, Sequence[Mapping]]], known: Sequence[str]) -> None:
+    """`BadRow` ``unknown_role`` for the first message whose role is not in ``known``."""
+    for field, msgs in fields:
+        for i, m in enumerate(msgs):
+            if m["role"] not in known:
+                raise BadRow(
+                    "unknown_role",
+                    f"{field}[{i}].role is {m['role']!r}; the chat template knows {list(known)}",
+                )
 
 
 def split_text_prefix(a: str, b: str) -> tuple[str, str, str]:

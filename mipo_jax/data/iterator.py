@@ -76,7 +76,11 @@ class PreferenceIterator:
         self.global_layout = global_layout(layout, self.process_count)
         self.units = packing.unit_lengths(data, layout.kind)
         self.need = packing.padded_need(data)
-        _, comp = data.lengths()
+        prompt, comp = data.lengths()
+        for what, n in (("prompt", prompt), ("completion", comp.min(axis=1))):
+            if (n < 1).any():  # a first completion token needs a prompt position to come from
+                i = int(np.argmax(n < 1))
+                raise ValueError(f"example {int(data.example_id[i])} has an empty {what}")
         longest = comp.max()
         self.width = int(layout.completion_width or -(-longest // 8) * 8)
         if longest > self.width:

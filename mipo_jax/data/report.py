@@ -4,10 +4,14 @@ The policy is ``"error"`` (default) or ``"skip"``. Under ``"error"`` the first b
 `BadInputError` naming the file, the row index and the problem. Under ``"skip"`` the row is
 dropped and counted by reason; `Report.summary()` prints the counts at the end.
 
-Reasons (one per bad-input class):
+Reasons (one per bad-input class); the first three concern the whole dataset and are always
+an error (a row-level reason names the row, these name the source):
 
 =========================== ===============================================================
-``missing_column``          a required column is absent from the dataset (always an error)
+``missing_column``          a required column is absent from the dataset
+``empty_source``            the file (or split, or dataset) has no rows
+``mixed_formats``           string rows and conversational rows in one dataset (the message
+                            names the first row of each)
 ``malformed``               a line that is not valid JSON / CSV
 ``undecodable``             bytes that are not UTF-8 (also lone surrogates in a string)
 ``null``                    a required field is null (or missing from this JSON row)
@@ -16,9 +20,12 @@ Reasons (one per bad-input class):
 ``non_finite``              a ``ref_*_logps`` value that is NaN or infinite
 ``identical``               chosen and rejected are the same
 ``template_error``          the chat template failed or is not prefix-consistent
+``unknown_role``            a message role the chat template does not know (e.g. ``usr``)
 ``empty_prompt``            no prompt token at all (no BOS and an empty prompt)
 ``prompt_too_long``         the prompt's protected tokens alone exceed the length limits
-``empty_after_truncation``  a completion would lose all its tokens to truncation
+``empty_after_truncation``  the limits leave no room for at least one prompt token and one
+                            token of each completion (the first completion token is always
+                            predicted from a position of its own sequence)
 ``identical_after_truncation`` chosen and rejected become equal after truncation
 =========================== ===============================================================
 """
@@ -29,8 +36,9 @@ import collections
 import dataclasses
 
 POLICIES = ("error", "skip")
+DATASET_REASONS = ("missing_column", "empty_source", "mixed_formats")
 REASONS = (
-    "missing_column",
+    *DATASET_REASONS,
     "malformed",
     "undecodable",
     "null",
@@ -39,6 +47,7 @@ REASONS = (
     "non_finite",
     "identical",
     "template_error",
+    "unknown_role",
     "empty_prompt",
     "prompt_too_long",
     "empty_after_truncation",
@@ -52,7 +61,7 @@ class BadInputError(ValueError):
     def __init__(self, source: str, row: int | None, reason: str, detail: str):
         self.source, self.row, self.reason, self.detail = source, row, reason, detail
         where = f"{source}: row {row}" if row is not None else source
-        hint = " (set bad_input='skip' to drop such rows)" if reason != "missing_column" else ""
+        hint = "" if reason in DATASET_REASONS else " (set bad_input='skip' to drop such rows)"
         super().__init__(f"{where}: {reason}: {detail}{hint}")
 
 
@@ -84,7 +93,7 @@ class Report:
 
     def bad(self, row: int | None, reason: str, detail: str) -> None:
         """Apply the policy: raise under 'error', count under 'skip'."""
-        if self.policy == "error" or reason == "missing_column":
+        if self.policy == "error" or reason in DATASET_REASONS:
             raise BadInputError(self.source, row, reason, detail)
         self.skipped[reason] += 1
         self.examples.setdefault(reason, [])

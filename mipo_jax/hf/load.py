@@ -17,6 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from mipo_jax.hf.hub import resolve_model
 from mipo_jax.hf.mappings import IGNORED, TABLES, Rule, normalise_name
 from mipo_jax.hf.safetensors import SafetensorsSource
 from mipo_jax.hf.source import CheckpointSource
@@ -117,19 +118,23 @@ def load_pretrained(
     *,
     mesh: jax.sharding.Mesh | None = None,
     rules: Rules | None = None,
+    revision: str | None = None,
     **policy,
 ) -> CausalLM:
     """Load an HF checkpoint into a `CausalLM`, sharded over `mesh` by logical `rules`.
 
     Args:
-      source: a `CheckpointSource` or a folder path (see `SafetensorsSource`).
+      source: a `CheckpointSource`, a folder (see `SafetensorsSource`), or a hub model id
+        (``org/name``, optionally ``hf:org/name``) resolved by `mipo_jax.hf.hub.resolve_model`
+        (hub cache first; offline only the cache).
       mesh: target mesh; None puts everything on the default device.
       rules: logical-axis rules (default `mipo_jax.sharding.RULES`).
+      revision: a hub id's branch, tag or commit (default ``main``).
       **policy: `ModelConfig` runtime fields (param_dtype, compute_dtype, remat, scan_layers,
         attention_block).
     """
     if not isinstance(source, CheckpointSource):
-        source = SafetensorsSource(source)
+        source = SafetensorsSource(resolve_model(source, revision=revision))
     cfg = ModelConfig.from_hf(source.config, **policy)
     model = abstract_model(cfg)
     params = param_table(model)
