@@ -40,11 +40,18 @@ def get_config(name: str, arg: str | None = None, **args):
     return module.get_config(",".join(items) or None)
 
 
-def run(config, workdir: str) -> dict:
-    """Validate ``config`` and train it in ``workdir`` (resuming); returns the summary."""
+def run(config, workdir: str, *, train_data=None, eval_data=None) -> dict:
+    """Validate ``config`` and train it in ``workdir`` (resuming); returns the summary.
+
+    ``train_data`` / ``eval_data``: the data itself instead of ``data.source`` /
+    ``data.eval_source``: a ``datasets.Dataset``, a ``DatasetDict`` (split ``data.split`` /
+    ``data.eval_split``) or a list of row dicts in a TRL format; set ``data.tokenizer``
+    (or use a pretrained ``model.init``, whose tokenizer is the default).
+    """
     from mipo_jax.train import checks
 
     checks.validate(config)
     from mipo_jax.train import stages
 
-    return stages.run(config, os.path.abspath(workdir))
+    path = os.path.abspath(workdir)
+    return stages.run(config, path, train_data=train_data, eval_data=eval_data)

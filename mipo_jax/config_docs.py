@@ -60,6 +60,7 @@ DOCS = {
     "optim.weight_decay": "AdamW's decoupled weight decay",
     # -- model -----------------------------------------------------------------------------
     "model.init": "random | hf:<folder or hub id> | gguf:<file> | smollm2 (bundled)",
+    "model.revision": "hf:<hub id>: branch, tag or commit (None = main)",
     "model.family": "llama | mistral | qwen2 | qwen3 | gpt2 (random models only)",
     "model.vocab_size": "random models: vocabulary size (0 = the tokenizer's)",
     "model.hidden_size": "random models: width D",
@@ -79,11 +80,15 @@ DOCS = {
     # -- data ------------------------------------------------------------------------------
     "data.source": "file or glob (.jsonl .json .parquet .csv), hub id, or embedded:NAME",
     "data.split": "split of the source used for training",
+    "data.eval_source": "evaluation rows from another source ('' = data.source)",
+    "data.eval_split": "split of the evaluation source (must exist where there are splits)",
+    "data.eval_fraction": "> 0: hold out this fraction of the training rows for evaluation",
     "data.name": "hub dataset config name",
     "data.revision": "hub dataset revision (a commit, tag or branch)",
     "data.columns.*": "rename: {ours: yours}, e.g. {'prompt': 'question'}",
     "data.format": "auto | preference | implicit_prompt | unpaired (detected from columns)",
-    "data.tokenizer": "embedded name, smollm2, local folder or hub id ('' = the set's own)",
+    "data.tokenizer": "embedded name, smollm2, folder or hub id ('' = the pretrained model's, "
+    "else the embedded set's)",
     "data.add_bos": "auto | True | False (standard rows; chat rows follow the template)",
     "data.eos_token": "token that ends each completion (default: the tokenizer's EOS)",
     "data.max_length": "prompt + completion tokens kept per sequence",
@@ -121,7 +126,6 @@ DOCS = {
     "train.log_every": "steps between metrics rows",
     "train.eval_every": "steps between evaluations (0 = only before and after)",
     "train.eval_batches": "batches of the eval split per evaluation (0 = none)",
-    "train.eval_split": "split of the source used for evaluation",
     "train.task_eval_prompts": "embedded controlled tasks: prompts scored exactly",
     "train.max_nonfinite": "this many non-finite steps in a row stop the run",
     "train.progress": "progress bar",
@@ -171,7 +175,10 @@ HINTS = {
     "loss_type": ("loss.links", "TRL's loss_type is loss.links (with loss.link_weights)"),
     "warmup_steps": ("optim.warmup_steps", "the optimiser's settings are under optim"),
 }
-MOVED = {"data.batch_size": "the batch size is the top-level batch_size (global, pairs per step)"}
+MOVED = {
+    "data.batch_size": "the batch size is the top-level batch_size (global, pairs per step)",
+    "train.eval_split": "evaluation rows: data.eval_split, data.eval_source, data.eval_fraction",
+}
 
 
 def doc(key: str) -> str | None:

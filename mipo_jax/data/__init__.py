@@ -14,7 +14,7 @@ Pipeline (each step is a module; `pipeline.build` chains them from a config):
    global batch stream whatever the process count, each process yielding its block.
 5. `iterator.to_global`: a process's block -> global ``jax.Array``s.
 
-A batch is a dict of arrays in the train step's group layout (`mipo_jax.train.layout`);
+A batch is a dict of arrays in the train step's group layout (`mipo_jax.train.step_batch`);
 `batch` documents every field and shape. Every layout is used the same way::
 
     rows = lambda x: x.reshape(-1, x.shape[-1])                     # [G, K, T] -> [G*K, T]

@@ -1,6 +1,6 @@
 """The batch the data pipeline yields: a dict of arrays in the train step's group layout.
 
-This is the layout `mipo_jax.train.layout` defines and `mipo_jax.train.step` reads; the
+This is the layout `mipo_jax.train.step_batch` defines and `mipo_jax.train.step` reads; the
 attention rule is `mipo_jax.models.masks`. Shape letters: G groups (the leading axis, sharded
 over the data axes and split into micro-batches), K rows per group, T tokens per row,
 P example slots per group, S sides (2: index 0 chosen, 1 rejected; 1 for unpaired data),

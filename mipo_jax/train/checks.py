@@ -5,6 +5,7 @@ Each error names the key, its value and what is allowed. The loss section is che
 """
 
 from mipo_jax.data import LAYOUTS
+from mipo_jax.data.pipeline import eval_plan
 from mipo_jax.losses import check_reference_mode, requirements
 from mipo_jax.losses import validate as validate_loss
 from mipo_jax.models.config import DTYPES, FAMILIES, REMAT_POLICIES
@@ -42,7 +43,7 @@ def validate(config) -> None:
     m = config.model
     init = m.init
     ok = init in ("random", "smollm2") or init.startswith(("hf:", "gguf:"))
-    _check(ok, "model.init", init, "random | hf:<folder> | gguf:<file> | smollm2")
+    _check(ok, "model.init", init, "random | hf:<folder or org/name> | gguf:<file> | smollm2")
     _choice("model.family", m.family, FAMILIES)
     _choice("model.compute_dtype", m.compute_dtype, DTYPES)
     _choice("model.param_dtype", m.param_dtype, DTYPES)
@@ -68,6 +69,8 @@ def validate(config) -> None:
     )
     _check(config.checkpoint.every >= 1, "checkpoint.every", config.checkpoint.every, ">= 1")
     _check(config.checkpoint.keep >= 1, "checkpoint.keep", config.checkpoint.keep, ">= 1")
+    if t.eval_batches > 0:
+        eval_plan(config.data, "eval")  # where evaluation rows come from (nothing is loaded)
     _check_algorithm_state(config)
     if "token_weights" in config:
         _check_token_weights(config.token_weights)

@@ -47,11 +47,10 @@ def unpair(rows: Rows) -> Rows:
     return Rows(rows.source + " (unpaired)", out, ["prompt", "completion", "label"])
 
 
-def data_section(config, split: str) -> mlc.ConfigDict:
-    """The ``data`` section for one split with per-process batch sizes filled in."""
+def data_section(config) -> mlc.ConfigDict:
+    """The ``data`` section with this process's batch size filled in."""
     d = copy.deepcopy(config.data)
     with d.unlocked():
-        d.split = split
         n = jax.process_count()
         if d.layout == "padded" and config.batch_size % n:
             raise ValueError(f"batch_size={config.batch_size} does not split over {n} processes")
@@ -73,40 +72,67 @@ def check_objective(rows: Rows, objective: str, fmt: str) -> None:
         )
 
 
-def tokenize(d: mlc.ConfigDict, tokenizer, *, objective: str, rows: Rows | None = None):
-    """The tokenised split described by ``d`` (all of it: every process holds every row);
-    ``rows`` replaces the rows of ``d.source`` (in-memory data)."""
+def tokenize(d: mlc.ConfigDict, tokenizer, *, objective: str, role: str, train_data, eval_data):
+    """The tokenised rows of ``role`` (train or eval: `mipo_jax.data.pipeline.split_rows`),
+    all of them (every process holds every row); ``train_data``/``eval_data``: in-memory
+    data standing in for ``data.source``/``data.eval_source``."""
 
     def transform(loaded: Rows) -> Rows:
-        loaded = loaded if rows is None else rows
         check_objective(loaded, objective, d.format)
         if objective == "unpaired" and "completion" not in loaded.column_names:
             return unpair(loaded)
         return loaded
 
-    data = tokenize_split(d, tokenizer, transform=transform)
+    data = tokenize_split(d, tokenizer, transform=transform, role=role, train_data=train_data,
+                          eval_data=eval_data)  # fmt: skip
     if objective == "sft" and data.num_completions > 1:  # the chosen responses
         data = dataclasses.replace(data, completions=data.completions[:1], ref_logps=None,
                                    label=None)  # fmt: skip
     return data
 
 
+def tokenizer_spec(config, train_data=None) -> tuple[str, str | None]:
+    """(tokenizer, revision): ``data.tokenizer``; when it is empty and the model is a
+    pretrained one (``hf:``, ``smollm2``), the model's own; else the embedded set's."""
+    d, init = config.data, config.model.init
+    if not d.tokenizer and init.startswith("hf:"):
+        return init, config.model.get("revision")
+    if not d.tokenizer and init == "smollm2":
+        return "smollm2", None
+    return tokenizer_name(d, train_data=train_data), None
+
+
 class StepData:
     """Iterator of step batches (host-local numpy; `to_device` makes them global)."""
 
     def __init__(
-        self, config, split: str, *, tokenizer=None, num_epochs=None, seed=None, rows=None
+        self,
+        config,
+        role: str,
+        *,
+        tokenizer=None,
+        num_epochs=None,
+        seed=None,
+        train_data=None,
+        eval_data=None,
     ):
+        """``role``: ``train`` or ``eval`` (which rows: `mipo_jax.data.pipeline.split_rows`);
+        ``train_data``/``eval_data``: in-memory data (a ``datasets.Dataset``, ``DatasetDict``
+        or list of row dicts) standing in for ``data.source``/``data.eval_source``."""
         self.config = config
-        d = data_section(config, split)
+        d = data_section(config)
         with d.unlocked():
             if num_epochs is not None:
                 d.num_epochs = num_epochs
             if seed is not None:
                 d.seed = seed
         self.section = d
-        self.tokenizer = tokenizer or load_tokenizer(tokenizer_name(d))
-        self.data = tokenize(d, self.tokenizer, objective=config.objective, rows=rows)
+        if tokenizer is None:
+            spec, revision = tokenizer_spec(config, train_data)
+            tokenizer = load_tokenizer(spec, revision=revision)
+        self.tokenizer = tokenizer
+        self.data = tokenize(d, tokenizer, objective=config.objective, role=role,
+                             train_data=train_data, eval_data=eval_data)  # fmt: skip
         self.iterator = PreferenceIterator(
             self.data, layout_of(d), seed=d.seed, num_epochs=d.num_epochs,
             drop_remainder=d.drop_remainder,

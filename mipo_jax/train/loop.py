@@ -52,13 +52,14 @@ class Hooks:
                 fn(step, state)
 
 
-def train(config, workdir: str, *, init=None, token_models=None, rows=None) -> dict:
+def train(config, workdir: str, **build_args) -> dict:
     """Train as configured; returns (and writes) a summary of the run.
 
-    ``init``, ``token_models``, ``rows``: see `mipo_jax.train.setup.build`.
+    ``build_args`` (``init``, ``token_models``, ``train_data``, ``eval_data``): see
+    `mipo_jax.train.setup.build`.
     """
     t0 = time.time()
-    run, state = build(config, workdir, init=init, token_models=token_models, rows=rows)
+    run, state = build(config, workdir, **build_args)
     cfg = config
     ckpt = Checkpointer(
         os.path.join(workdir, "checkpoints"),

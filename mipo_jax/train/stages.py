@@ -24,35 +24,39 @@ import jax
 import ml_collections as mlc
 import numpy as np
 
-from mipo_jax.data.load import Rows
 from mipo_jax.data.tasks import sentiment
 from mipo_jax.losses import loss_config
 from mipo_jax.train import loop, modules, setup, task_eval
 from mipo_jax.train import token_weights as tw
-from mipo_jax.train.data import StepData
+from mipo_jax.train.data import StepData, tokenizer_spec
 
 log = logging.getLogger("mipo_jax.train")
 
 
-def run(config, workdir: str) -> dict:
+def run(config, workdir: str, *, train_data=None, eval_data=None) -> dict:
     """Every stage the config asks for, then the main run; returns the main run's summary
-    (plus ``stages``: where each earlier stage lives), or a ``stopped`` summary."""
+    (plus ``stages``: where each earlier stage lives), or a ``stopped`` summary.
+
+    ``train_data``/``eval_data``: in-memory data instead of ``data.source``/``eval_source``
+    (`mipo_jax.train.setup.build`).
+    """
+    data = dict(train_data=train_data, eval_data=eval_data)
     stages: dict[str, dict] = {}
     init = None
     if config.sft.steps:
-        done = sft_stage(config, workdir)
+        done = sft_stage(config, workdir, train_data=train_data)
         if done.get("stopped"):
             return {**done, "stage": "sft"}
         init = f"hf:{done['export']}"
         stages["sft"] = {"workdir": sft_dir(workdir), "export": done["export"]}
     token_models = None
     if "token_weights" in config and config.token_weights.transform != "binary":
-        done = contrastive_stage(config, init)
+        done = contrastive_stage(config, init, train_data=train_data)
         if done.get("stopped"):
             return done
         token_models = done["folders"]
         stages["tisdpo"] = done
-    summary = loop.train(config, workdir, init=init, token_models=token_models)
+    summary = loop.train(config, workdir, init=init, token_models=token_models, **data)
     if stages and not summary.get("stopped"):
         summary["stages"] = stages
         summary["sft_export"] = stages.get("sft", {}).get("export")
@@ -88,11 +92,12 @@ def sft_config(config) -> mlc.ConfigDict:
                          bucket_window=0, seed=int(config.seed)))  # fmt: skip
     if config.data.source in task_eval.TASKS:  # draws are whole sequences: no truncation
         sub.data.update(dict(max_length=None, max_prompt_length=None, max_completion_length=None))
+        sub.data.tokenizer = tokenizer_spec(config)[0]  # the draws come as in-memory rows
     sub.export.update(dict(hf=True, plot=False, dtype="float32"))
     return sub
 
 
-def task_draws(task: str, n: int, seed: int) -> Rows:
+def task_draws(task: str, n: int, seed: int) -> list[dict]:
     """``n`` (prompt, completion) draws from the controlled task's generating distribution."""
     rng = np.random.default_rng(seed)
     out = []
@@ -103,10 +108,10 @@ def task_draws(task: str, n: int, seed: int) -> Rows:
         out.append(
             {"prompt": sentiment.text(prompt), "completion": " " + sentiment.text(y), "label": True}
         )
-    return Rows(f"{task} draws (seed {seed})", out, ["prompt", "completion", "label"])
+    return out
 
 
-def sft_stage(config, workdir: str) -> dict:
+def sft_stage(config, workdir: str, *, train_data=None) -> dict:
     """Run (or reuse) the SFT stage; ``{"export": folder}`` or a ``stopped`` summary."""
     folder = sft_dir(workdir)
     export = os.path.join(folder, "export")
@@ -114,13 +119,12 @@ def sft_stage(config, workdir: str) -> dict:
         log.info("SFT stage: done, reusing %s", export)
         return {"export": export}
     sub = sft_config(config)
-    rows = None
-    task = task_eval.TASKS.get(config.data.source)
+    task = task_eval.TASKS.get(config.data.source) if train_data is None else None
     if task is not None:
         n = min(int(config.sft.steps) * int(config.sft.batch_size), 200_000)
-        rows = task_draws(task, n, int(config.seed) + 17)
+        train_data = task_draws(task, n, int(config.seed) + 17)
     log.info("SFT stage: %d steps in %s", int(config.sft.steps), folder)
-    summary = loop.train(sub, folder, rows=rows)
+    summary = loop.train(sub, folder, train_data=train_data)
     if summary.get("stopped"):
         return summary
     return {"export": export}
@@ -129,16 +133,16 @@ def sft_stage(config, workdir: str) -> dict:
 # ---- TIS-DPO's contrastive models --------------------------------------------------------
 
 
-def contrastive_stage(config, init: str | None) -> dict:
+def contrastive_stage(config, init: str | None, *, train_data=None) -> dict:
     """π⁺ and π⁻: ``{"folders": (positive, negative), ...}`` or a ``stopped`` summary."""
     t = config.token_weights
     if t.source == "folders":
         return {"folders": (t.positive, t.negative)}
     mesh = setup.mesh_of(config)
-    train_data = StepData(config, "train")
-    reference = modules.build_policy(config.model, train_data.tokenizer, mesh, config.seed, init)
-    key, subs = tw.contrastive_runs(config, reference, train_data)
-    del reference, train_data
+    train = StepData(config, "train", train_data=train_data)
+    reference = modules.build_policy(config.model, train.tokenizer, mesh, config.seed, init)
+    key, subs = tw.contrastive_runs(config, reference, train)
+    del reference, train
     root = os.path.join(tw.cache_root(config), key)
     folders, trained = [], []
     for side, sub in zip(tw.SIDES, subs, strict=True):
@@ -150,7 +154,7 @@ def contrastive_stage(config, init: str | None) -> dict:
                 "TIS-DPO %s model: cache miss, %s for %d steps from the reference in %s",
                 side, t.source, int(sub.train.num_steps), workdir,
             )  # fmt: skip
-            summary = loop.train(sub, workdir, init=init)
+            summary = loop.train(sub, workdir, init=init, train_data=train_data)
             if summary.get("stopped"):
                 return {**summary, "stage": f"tisdpo-{side}"}
             if jax.process_index() == 0:  # the finished run's optimiser state is not needed

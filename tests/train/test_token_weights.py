@@ -61,7 +61,7 @@ def test_contrastive_models_find_the_rewarded_tokens(built):
     positive words of chosen responses outweigh its negative words, and the negative words of
     rejected responses outweigh its positive ones (measured: 1.03 vs 0.83, 1.12 vs 0.88)."""
     assert built.stage["trained"] == ["positive", "negative"]
-    test = StepData(built.config, "test", tokenizer=built.train.tokenizer)
+    test = StepData(built.config, "eval", tokenizer=built.train.tokenizer)
     ids = word_ids(built.train.tokenizer)
     raw = {1.0: [], -1.0: []}
     weights = {(side, s): [] for side in (0, 1) for s in (1.0, -1.0)}
