@@ -1,4 +1,4 @@
-"""Conservative DPO (Mitchell 2023, https://ericmitchell.ai/cdpo.pdf, Eq. 3; spec §2.10).
+"""Conservative DPO (Mitchell 2023, https://ericmitchell.ai/cdpo.pdf, Eq. 3; mathematics §2.10).
 
 L = −(1−ε) log σ(βh) − ε log σ(−βh): DPO's logit with soft labels, the ``cdpo`` link with
 ``label_smoothing`` ε = 0.1 (TRL 1.16's ``sigmoid`` has no label smoothing).

@@ -1,4 +1,4 @@
-"""CPO (Xu et al. 2024, arXiv 2401.08417; TRL experimental CPO "sigmoid"; spec §2.16).
+"""CPO (Xu et al. 2024, arXiv 2401.08417; TRL experimental CPO "sigmoid"; mathematics §2.16).
 
 L = −log σ(β(S^π_w − S^π_l)) + NLL_w: MI-DPO with a uniform prior plus the NLL term;
 β = 0.1, cpo_alpha = 1.

@@ -1,4 +1,4 @@
-"""DiscoPOP (Chris Lu et al. 2024, arXiv 2406.08414; TRL "discopop"; spec §2.12).
+"""DiscoPOP (Chris Lu et al. 2024, arXiv 2406.08414; TRL "discopop"; mathematics §2.12).
 
 (1 − σ(z/τ))(−log σ(z)) + σ(z/τ) e^{−z} with z = βh, τ = 0.05.
 

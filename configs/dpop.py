@@ -1,4 +1,4 @@
-"""DPOP / Smaug (Pal et al. 2024, arXiv 2402.13228; spec §2.19).
+"""DPOP / Smaug (Pal et al. 2024, arXiv 2402.13228; mathematics §2.19).
 
 −log σ(β[h − λ max(0, S^ref_w − S^π_w)]): MI-DPO with a label- and θ-dependent prior that
 penalises lowering the chosen likelihood; λ = 50.

@@ -1,4 +1,4 @@
-"""EXO (Ji et al. 2024, arXiv 2402.00856; TRL "exo_pair"; spec §2.12).
+"""EXO (Ji et al. 2024, arXiv 2402.00856; TRL "exo_pair"; mathematics §2.12).
 
 Reverse KL to soft labels: σ(z)[log σ(z) − log(1−ε)] + σ(−z)[log σ(−z) − log ε], ε = 1e-3.
 

@@ -1,4 +1,4 @@
-"""f-DPO (Wang et al. 2023, arXiv 2309.16240; TRL 1.16 ``f_divergence_type``; spec §2.12).
+"""f-DPO (Wang et al. 2023, arXiv 2309.16240; TRL 1.16 ``f_divergence_type``; mathematics §2.12).
 
 DPO with the log-ratio ρ replaced by a score g(ρ), TRL's (g(0) = 0): forward_kl 1 − e^{−ρ},
 js_divergence log 2 + log σ(ρ), alpha_divergence (e^{(a−1)ρ} − 1)/(a − 1) with TRL's a = 0.5.

@@ -1,4 +1,4 @@
-"""H-DPO, "Entropy Controllable DPO" (Omura et al. 2024, arXiv 2411.07595; spec §2.3).
+"""H-DPO, "Entropy Controllable DPO" (Omura et al. 2024, arXiv 2411.07595; mathematics §2.3).
 
 L = −log σ(β(a S^π_w − S^ref_w) − β(a S^π_l − S^ref_l)), MI-DPO with ζ = π_ref^{1/a} and
 α = a·β. a < 1 sharpens the policy (lower entropy); a = 1 is DPO. ``loss.alpha`` follows

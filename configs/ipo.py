@@ -1,4 +1,4 @@
-"""IPO (Azar et al. 2023, arXiv 2310.12036, Eq. 17; spec §2.9): L = (h − 1/(2τ))².
+"""IPO (Azar et al. 2023, arXiv 2310.12036, Eq. 17; mathematics §2.9): L = (h − 1/(2τ))².
 
 TRL (1.16 and v0.19) averages the log-ratios per token before forming h, which the IPO
 authors confirmed; τ is TRL's β (0.1). With an f-divergence score, TRL divides the score by

@@ -1,4 +1,4 @@
-"""KTO (Ethayarajh et al. 2024, arXiv 2402.01306; TRL ``KTOTrainer``; spec §2.14).
+"""KTO (Ethayarajh et al. 2024, arXiv 2402.01306; TRL ``KTOTrainer``; mathematics §2.14).
 
 Unpaired data (``prompt``/``completion``/``label``); prospect-theoretic loss around a batch
 reference point z_0. TRL defaults: β = 0.1, λ_D = λ_U = 1 (keep λ_D n_D / (λ_U n_U) in

@@ -1,4 +1,4 @@
-"""LD-DPO (Liu et al. 2024, arXiv 2409.06411; TRL HEAD ``ld_alpha``; spec §2.24).
+"""LD-DPO (Liu et al. 2024, arXiv 2409.06411; TRL HEAD ``ld_alpha``; mathematics §2.24).
 
 Tokens past l_p = min(|y_w|, |y_l|) count with weight a ∈ [0, 1] in both the policy and the
 reference log-probs (TRL HEAD; v0.19 desensitised the policy only). MI-DPO with the token

@@ -1,4 +1,4 @@
-"""MI-DPO with a learnable prior (spec §1.2, §1.5): ours; no other framework has it.
+"""MI-DPO with a learnable prior (mathematics §1.2, §1.5): ours; no other framework has it.
 
 The prior ζ_φ(y) is a small prompt-free language model trained jointly with π: the MI-DPO
 loss trains both, and the mutual-information term −E_{y∼π} log ζ_φ(y) (weight ``mi_weight``)

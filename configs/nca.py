@@ -1,4 +1,4 @@
-"""NCA (Chen et al. 2024, arXiv 2402.05369; TRL "nca_pair"; spec §2.12).
+"""NCA (Chen et al. 2024, arXiv 2402.05369; TRL "nca_pair"; mathematics §2.12).
 
 Pointwise: −log σ(r_w) − ½ log σ(−r_w) − ½ log σ(−r_l) with r = β log π/π_ref.
 

@@ -1,4 +1,4 @@
-"""ORPO (Hong, Lee, Thorne 2024, arXiv 2403.07691; TRL ``odds_ratio_loss``; spec §2.15).
+"""ORPO (Hong, Lee, Thorne 2024, arXiv 2403.07691; TRL ``odds_ratio_loss``; mathematics §2.15).
 
 L = NLL_w − λ log σ(log odds(y_w) − log odds(y_l)), log odds = A − log(1 − e^A) with A the
 average log-prob. The odds term is MI-DPO with ``normalize='mean'``, α = 1 and the prior

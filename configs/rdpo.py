@@ -1,8 +1,8 @@
-"""R-DPO (Park, Rafailov, Ermon, Finn 2024, arXiv 2403.19159; spec §2.5).
+"""R-DPO (Park, Rafailov, Ermon, Finn 2024, arXiv 2403.19159; mathematics §2.5).
 
 L = −log σ(β h + α_R(|y_w| − |y_l|)), |y| in tokens: MI-DPO with the length-tilted reference
 ζ = π_ref · exp(−α_R |y| / β). The sign follows the derivation from the length-penalised
-RLHF objective (spec §2.5; third-party code disagrees). The paper's defaults were not
+RLHF objective (mathematics §2.5; third-party code disagrees). The paper's defaults were not
 available; SimPO's grid is α_R ∈ {0.05, 0.1, 0.5, 1.0}, β ∈ {0.01, 0.05, 0.1}. Run:
 
   python -m mipo_jax.main --config=configs/rdpo.py --workdir=/tmp/rdpo

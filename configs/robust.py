@@ -1,4 +1,4 @@
-"""Robust DPO (Chowdhury et al. 2024, arXiv 2403.00409; TRL "robust"; spec §2.10).
+"""Robust DPO (Chowdhury et al. 2024, arXiv 2403.00409; TRL "robust"; mathematics §2.10).
 
 L = [−(1−ε) log σ(βh) + ε log σ(−βh)] / (1 − 2ε), an unbiased loss under label flips with
 rate ε (0.1 suggested).

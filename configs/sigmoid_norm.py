@@ -1,4 +1,4 @@
-"""Length-normalised DPO (Tülu 3; TRL "sigmoid_norm"; spec §2.12).
+"""Length-normalised DPO (Tülu 3; TRL "sigmoid_norm"; mathematics §2.12).
 
 −log σ(β(ρ_w/|y_w| − ρ_l/|y_l|)): MI-DPO with ``normalize='mean'`` and ζ = π_ref (the θ-dependent
 prior 'length_normalized' with summed scores is the same loss). With an f-divergence score,

@@ -1,4 +1,4 @@
-"""SparsePO (Christopoulou et al. 2024, arXiv 2410.05102; huawei-noah/HEBO; spec §2.8).
+"""SparsePO (Christopoulou et al. 2024, arXiv 2410.05102; huawei-noah/HEBO; mathematics §2.8).
 
 L = −log σ(β(u − d)) + λ_u(‖m^u_w‖₁ + ‖m^u_l‖₁) + λ_d(‖m^d_w‖₁ + ‖m^d_l‖₁), with token masks
 from a small network on every layer of the live reference's hidden states (the original's

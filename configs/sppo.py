@@ -1,4 +1,4 @@
-"""SPPO-hard (Wu et al. 2024, arXiv 2405.00675; TRL "sppo_hard"; spec §2.12).
+"""SPPO-hard (Wu et al. 2024, arXiv 2405.00675; TRL "sppo_hard"; mathematics §2.12).
 
 (ρ_w − 1/(2β))² + (ρ_l + 1/(2β))², ρ = log π/π_ref.
 

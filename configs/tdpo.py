@@ -1,4 +1,4 @@
-"""TDPO (Zeng et al. ICML 2024, arXiv 2404.11999; Vance0124/Token-level-DPO; spec §2.6).
+"""TDPO (Zeng et al. ICML 2024, arXiv 2404.11999; Vance0124/Token-level-DPO; mathematics §2.6).
 
 TDPO1: −log σ(β[h + SeqKL(y_w) − SeqKL(y_l)]); TDPO2: −log σ(β[h + α_T(sg(SeqKL(y_w)) −
 SeqKL(y_l))]), SeqKL the summed forward KL(π_ref ‖ π_θ) per token. MI-DPO with the token

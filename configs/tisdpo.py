@@ -1,4 +1,4 @@
-"""TIS-DPO (Liu et al. ICLR 2025, arXiv 2410.04350; exlaw/TIS-DPO; spec §2.7).
+"""TIS-DPO (Liu et al. ICLR 2025, arXiv 2410.04350; exlaw/TIS-DPO; mathematics §2.7).
 
 L = −log σ(β[Σ_t w_t(ℓ^π − ℓ^ref)(y_w) − Σ_t w_t(ℓ^π − ℓ^ref)(y_l)]) with token weights from
 two contrastive models, d_t = log π⁺ − log π⁻ (negated on rejected tokens), transformed to

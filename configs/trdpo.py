@@ -1,4 +1,4 @@
-"""TR-DPO (Gorbatovski et al. 2024, arXiv 2404.09656; TRL ``sync_ref_model``; spec §2.28).
+"""TR-DPO (Gorbatovski et al. 2024, arXiv 2404.09656; TRL ``sync_ref_model``; mathematics §2.28).
 
 DPO whose reference moves: every τ steps θ_ref ← a·θ + (1 − a)·θ_ref (soft, a = 0.6,
 τ = 512, TRL's defaults) or a hard copy (a = 1). MI-DPO with a slowly updated prior. Run:

@@ -1,4 +1,4 @@
-"""WPO (Zhou et al. 2024, arXiv 2406.11827; TRL HEAD "use_weighting"; spec §2.25).
+"""WPO (Zhou et al. 2024, arXiv 2406.11827; TRL HEAD "use_weighting"; mathematics §2.25).
 
 DPO with each pair's loss weighted by w(y_w)·w(y_l), w(y) = exp(mean_t[ℓ^π_t − log Σ_v π²]),
 computed without gradient (HEAD: no clamp). MI-DPO under a reweighted data distribution.

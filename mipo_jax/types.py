@@ -36,7 +36,7 @@ class TokenInputs:
       mask_u: SparsePO reward mask m^u ≥ 0 (differentiable w.r.t. the mask network).
       mask_d: SparsePO KL mask m^d ≥ 0; ``None`` means "sparse-common" (m^d = m^u).
       logsumsq: per-token log Σ_v π_θ(v)² (WPO weighting).
-      prior: per-token log ζ_φ of a learnable prior model (prompt-free, spec §1.5).
+      prior: per-token log ζ_φ of a learnable prior model (prompt-free, mathematics §1.5).
       prior_samples: ``[N, T]`` log ζ_φ of responses sampled from the policy (MI term).
       prior_samples_mask: ``[N, T]`` completion mask of ``prior_samples``.
       prior_samples_weight: ``[N]`` sample weights (1 for Monte-Carlo samples, π(y) for an

@@ -4,7 +4,7 @@
 
 For each row of ``tests/reference/cases.py`` (the algorithm's ``configs/`` file, its original
 formula in float64 NumPy, its prior), on K random float64 batches (B = 4 pairs, T = 7,
-V = 11, uneven lengths; seed N is the spec's fixture when N = 0) it measures
+V = 11, uneven lengths; seed 0 is the fixture of mathematics §2) it measures
   * max |Δloss| between the original and MI-DPO;
   * max |Δgrad| w.r.t. the policy logits (complex step on the original, jax.grad on MI-DPO),
     and w.r.t. the other differentiable inputs (reference or previous-iterate logits,

@@ -2,7 +2,7 @@
 
 An algorithm is ``prior`` + ``normalize`` + ``f_divergence`` + ``links``/``link_weights`` +
 ``weighting`` + extra-term weights; ``configs/<algorithm>.py`` set these to the original
-paper's or code's defaults (spec §2).
+paper's or code's defaults (mathematics §2).
 """
 
 import ml_collections
@@ -27,7 +27,7 @@ def loss_config(prior: str = "reference", **prior_params) -> ml_collections.Conf
         )
     return ml_collections.ConfigDict(
         dict(
-            alpha=0.1,  # DPO's β; MI-DPO's α = 1/β_MI (spec §1.2)
+            alpha=0.1,  # DPO's β; MI-DPO's α = 1/β_MI (mathematics §1.2)
             normalize="sum",  # "mean": divide log π − log ζ by |y| (SimPO/IPO view)
             margin=0.0,  # subtracted from the logit z (SimPO's γ)
             prior=dict(name=prior, **{**entry.params, **prior_params}),
@@ -42,7 +42,7 @@ def loss_config(prior: str = "reference", **prior_params) -> ml_collections.Conf
             sft_weight=0.0,  # NLL of the chosen response (RPO, CPO, ORPO, TRL "sft")
             l1_mask_u=0.0,  # SparsePO λ_u
             l1_mask_d=0.0,  # SparsePO λ_d
-            mi_weight=0.0,  # mutual-information term of a learnable prior (spec §1.5)
+            mi_weight=0.0,  # mutual-information term of a learnable prior (mathematics §1.5)
         )
     )
 

@@ -6,7 +6,7 @@ detached:
   desirable:   λ_D (1 − σ(β(r − z_0)))
   undesirable: λ_U (1 − σ(β(z_0 − r)))
 averaged over all examples (TRL: ``cat(...).nanmean()``). ``loss_type='apo_zero_unpaired'``
-gives APO-zero's unpaired form, 1 − σ(βr) and σ(βr). Not MI-DPO (spec §2.14): there is no
+gives APO-zero's unpaired form, 1 − σ(βr) and σ(βr). Not MI-DPO (mathematics §2.14): there is no
 pairwise logistic.
 
 Which batch z_0 averages over. TRL (``kto_trainer.py``, ``kto_loss``) takes the mean over each

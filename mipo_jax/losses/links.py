@@ -2,7 +2,7 @@
 
 MI-DPO proper is the ``sigmoid`` link (−log σ(z)). The others are TRL's loss types written
 on the same implicit reward r(y) = α·s(y), s the score of the log-ratio S^π(y) − log ζ(y)
-(``mipo.scores``; spec §2.9–2.12, §2.20–23): a link sees ``Scores`` and returns the loss of
+(``mipo.scores``; mathematics §2.9–2.12, §2.20–23): a link sees ``Scores`` and returns the loss of
 each pair, ``[B]``. Formulas follow TRL 1.16 ``DPOTrainer._compute_loss``; TRL's ``beta`` is
 our ``alpha``. ``label_smoothing`` is read by the links that declare it (robust, exo_pair,
 aot, aot_unpaired, and cdpo, our cDPO): TRL's ``sigmoid`` has none.

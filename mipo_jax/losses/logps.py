@@ -45,14 +45,14 @@ def token_entropy(logits: Float[Array, "... T V"]) -> Float[Array, "... T"]:
 def token_kl(
     ref_logits: Float[Array, "... T V"], logits: Float[Array, "... T V"]
 ) -> Float[Array, "... T"]:
-    """Forward KL(π_ref ‖ π_θ) per position (TDPO's and SparsePO's direction, spec §0.3)."""
+    """Forward KL(π_ref ‖ π_θ) per position (TDPO's and SparsePO's direction, mathematics §0.3)."""
     ref_logp = jax.nn.log_softmax(_f32(ref_logits), axis=-1)
     logp = jax.nn.log_softmax(_f32(logits), axis=-1)
     return jnp.sum(jnp.exp(ref_logp) * (ref_logp - logp), axis=-1)
 
 
 def token_logsumsq(logits: Float[Array, "... T V"]) -> Float[Array, "... T"]:
-    """log Σ_v π(v|y_<t)² per position (WPO's weight, spec §2.25)."""
+    """log Σ_v π(v|y_<t)² per position (WPO's weight, mathematics §2.25)."""
     logp = jax.nn.log_softmax(_f32(logits), axis=-1)
     return jax.nn.logsumexp(2.0 * logp, axis=-1)
 

@@ -1,4 +1,4 @@
-"""The MI-DPO loss (Tutnov et al. 2025, arXiv 2501.01544; spec §1):
+"""The MI-DPO loss (Tutnov et al. 2025, arXiv 2501.01544; mathematics §1):
 
     L = −log σ( α[log π(y_w|x) − log ζ(y_w)] − α[log π(y_l|x) − log ζ(y_l)] − margin ),
 

@@ -1,4 +1,4 @@
-"""Extra terms added to the preference loss (spec §2.8, §2.15–2.17, §1.5).
+"""Extra terms added to the preference loss (mathematics §2.8, §2.15–2.17, §1.5).
 
 A term is registered in :data:`TERMS` with its weight keys (top-level ``loss.<key>``, default
 0) and the batch inputs it needs; it is on when any of its weight keys is non-zero, and terms
@@ -56,7 +56,7 @@ def l1_masks(inputs: TokenInputs, cfg, valid, norm) -> tuple[jax.Array, Metric]:
 def mutual_information(inputs: TokenInputs, cfg, valid, norm) -> tuple[jax.Array, Metric]:
     """Cross-entropy of the learnable prior on policy samples: −E_{y∼π} log ζ_φ(y).
 
-    Its φ-gradient equals that of KL(p_π ‖ ζ_φ) = E_x KL(π‖ζ_φ) − I_π(X;Y) (spec §1.2), the
+    Its φ-gradient equals that of KL(p_π ‖ ζ_φ) = E_x KL(π‖ζ_φ) − I_π(X;Y) (mathematics §1.2), the
     term that pins ζ_φ to the policy's response marginal. Samples come from the trainer
     (``prior_samples``), optionally weighted (``prior_samples_weight``).
     """

@@ -3,7 +3,7 @@
 A prior is a pure function ``prior(inputs: TokenInputs, cfg) -> log ζ`` returning the
 sequence-level prior log-score ``[B, 2]`` for the chosen and rejected responses, where
 ``cfg`` is the loss config (``cfg.alpha``, ``cfg.prior.<param>``). Token-factorised priors
-(spec §1.3) build per-token scores λ_t and sum them under the completion mask. Whether ζ
+(mathematics §1.3) build per-token scores λ_t and sum them under the completion mask. Whether ζ
 carries a gradient is the prior's business: the loss never wraps it in ``stop_gradient``.
 
 Each prior is registered with the batch inputs it needs, words of

@@ -1,4 +1,4 @@
-"""θ-dependent priors: the gradient flows through ζ (spec §1.3, §2.4, §2.6–2.8, §2.12,
+"""θ-dependent priors: the gradient flows through ζ (mathematics §1.3, §2.4, §2.6–2.8, §2.12,
 §2.15, §2.19, §2.24). Each is exact only with the gradient flowing exactly as written."""
 
 import jax
@@ -26,7 +26,7 @@ def length_normalized(inputs, cfg):
 
 @PRIORS.register("simpo", gamma=0.0)
 def simpo(inputs, cfg):
-    """SimPO mapping (ii) (Meng et al. 2024, Eq. 6; spec §2.4(b)(ii)).
+    """SimPO mapping (ii) (Meng et al. 2024, Eq. 6; mathematics §2.4(b)(ii)).
 
     log ζ(y) = (1 − 1/|y|) S^π(y) ± γ/(2β) (+ on y_w, − on y_l), gradient flowing, so that
     α(S^π − log ζ) = β A(y) ∓ γ/2 and the logit is β(A_w − A_l) − γ. Use ``normalize='sum'``.
@@ -39,7 +39,7 @@ def simpo(inputs, cfg):
 
 @PRIORS.register("sequential_kl", needs=("reference", "kl"), kl_coef=1.0, stop_grad_chosen=False)
 def sequential_kl(inputs, cfg):
-    """TDPO (Zeng et al. 2024; spec §2.6): λ_t = ℓ^ref_t − c·KL_t(π_ref ‖ π_θ).
+    """TDPO (Zeng et al. 2024; mathematics §2.6): λ_t = ℓ^ref_t − c·KL_t(π_ref ‖ π_θ).
 
     TDPO1: c = 1 on both sides. TDPO2: c = α_T and ``stop_grad_chosen`` (the chosen side's
     SeqKL is detached, as in the original code's ``.detach()``).
@@ -54,7 +54,7 @@ def sequential_kl(inputs, cfg):
 
 @PRIORS.register("token_weighted", needs=("reference_tokens", "token_weights"))
 def token_weighted(inputs, cfg):
-    """TIS-DPO (Liu et al. 2025; spec §2.7): λ_t = (1 − w_t) ℓ^π_t + w_t ℓ^ref_t.
+    """TIS-DPO (Liu et al. 2025; mathematics §2.7): λ_t = (1 − w_t) ℓ^π_t + w_t ℓ^ref_t.
 
     So S^π − log ζ = Σ_t w_t (ℓ^π_t − ℓ^ref_t), the weighted log-ratio. Weights are constants.
     """
@@ -67,7 +67,7 @@ def token_weighted(inputs, cfg):
 
 @PRIORS.register("sparse_masks", needs=("reference_tokens", "kl", "mask_u"))
 def sparse_masks(inputs, cfg):
-    """SparsePO (Christopoulou et al. 2024; spec §2.8).
+    """SparsePO (Christopoulou et al. 2024; mathematics §2.8).
 
     λ_t = (1 − m^u_t) ℓ^π_t + m^u_t ℓ^ref_t − m^d_t KL_t, gradient flowing into the policy
     and into the masks. ``mask_d=None`` is sparse-common (m^d = m^u). The L1 penalty on
@@ -90,7 +90,7 @@ def _ld_coefficients(mask, ld_alpha):
 
 @PRIORS.register("length_desensitized", needs=("reference_tokens",), ld_alpha=1.0)
 def length_desensitized(inputs, cfg):
-    """LD-DPO (Liu et al. 2024; TRL HEAD ``ld_alpha``; spec §2.24).
+    """LD-DPO (Liu et al. 2024; TRL HEAD ``ld_alpha``; mathematics §2.24).
 
     λ_t = c_t ℓ^ref_t + (1 − c_t) ℓ^π_t, so S^π − log ζ = S̃^π − S̃^ref where tokens past
     l_p = min(|y_w|, |y_l|) count with weight ``ld_alpha``. This is TRL HEAD's choice (both
@@ -103,7 +103,7 @@ def length_desensitized(inputs, cfg):
 
 @PRIORS.register("dpop", needs=("reference",), dpop_lambda=50.0)
 def dpop(inputs, cfg):
-    """DPOP / Smaug (Pal et al. 2024; spec §2.19), label-dependent and θ-dependent.
+    """DPOP / Smaug (Pal et al. 2024; mathematics §2.19), label-dependent and θ-dependent.
 
     log ζ(y_w) = S^ref_w + λ max(0, S^ref_w − S^π_w); log ζ(y_l) = S^ref_l, giving the
     logit β[h − λ max(0, S^ref_w − S^π_w)].
@@ -120,7 +120,7 @@ def log1mexp(x):
 
 @PRIORS.register("odds")
 def odds(inputs, cfg):
-    """ORPO's odds-ratio term (Hong et al. 2024; spec §2.15), for ``normalize='mean'``.
+    """ORPO's odds-ratio term (Hong et al. 2024; mathematics §2.15), for ``normalize='mean'``.
 
     log ζ = |y| log(1 − e^{A(y)}) so that (S^π − log ζ)/|y| = A − log(1 − e^A) = log odds(y).
     Use ``alpha = 1`` and weight the link by ORPO's λ; the NLL is the ``sft`` term.
@@ -133,7 +133,7 @@ def odds(inputs, cfg):
 
 @PRIORS.register("learned", needs=("prior",))
 def learned(inputs, cfg):
-    """A learnable prior ζ_φ(y): a prompt-free model trained jointly with π (spec §1.2, §1.5).
+    """A learnable prior ζ_φ(y): a prompt-free model trained jointly with π (mathematics §1.2, §1.5).
 
     log ζ = Σ_t log ζ_φ(y_t | y_<t) from the batch field ``prior``; the gradient flows into φ.
     Pair it with the ``mi_weight`` term, which pins ζ_φ to the policy's response marginal

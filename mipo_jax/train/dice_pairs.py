@@ -1,4 +1,4 @@
-"""DICE's pair construction (Chen et al. 2024, arXiv 2406.09760; sail-sg/dice; spec §2.2).
+"""DICE's pair construction (Chen et al. 2024, arXiv 2406.09760; sail-sg/dice; mathematics §2.2).
 
 Round t samples K responses per prompt from π_{t−1} and scores each with the length-regularised
 implicit reward s̃(y) = [log π_{t−1}(y|x) − log π_{t−2}(y|x)] − α_L·len(y), which is an MI-DPO

@@ -1,6 +1,6 @@
 """SparsePO's token-mask network, trained next to the policy.
 
-:class:`SparseMasks` (Christopoulou et al. 2024; spec §2.8) is a port of huawei-noah/HEBO
+:class:`SparseMasks` (Christopoulou et al. 2024; mathematics §2.8) is a port of huawei-noah/HEBO
 SparsePO's default ``mask_model="simple_all"`` (``src/masks/mask_models.py``
 ``SimpleMaskAllLayers``). It reads the live reference's hidden states of every layer, as
 transformers' ``output_hidden_states`` gives them minus the embeddings (the original's

@@ -13,8 +13,8 @@ from mipo_jax.losses import loss_config, mipo_loss, validate
 from mipo_jax.types import TokenInputs
 from tests.derivations import util as U
 
-BETA = 0.5  # DPO β (= our alpha); the regularised objective is E r − β KL (spec §3.1)
-OPT_TOL = 1e-6  # spec §3.1: numerical optimisation must reach the closed form to 1e-6
+BETA = 0.5  # DPO β (= our alpha); the regularised objective is E r − β KL (mathematics §3.1)
+OPT_TOL = 1e-6  # mathematics §3.1: numerical optimisation must reach the closed form to 1e-6
 ID_TOL = 1e-12  # exact identities, float64 rounding only
 
 
@@ -94,7 +94,7 @@ def test_population_dpo_recovers_optimum_and_bayes_risk(bandit):
 
 
 def test_population_midpo_fixed_prior_recovers_gibbs(bandit):
-    """MI-DPO with a fixed prompt-free ζ and α = 1/β_MI: minimiser ∝ ζ e^{r/α} (spec §3.2)."""
+    """MI-DPO with a fixed prompt-free ζ and α = 1/β_MI: minimiser ∝ ζ e^{r/α} (mathematics §3.2)."""
     b, alpha = bandit, 0.7
     log_zeta = U.log_softmax(np.random.default_rng(3).normal(size=b.k))
     loss = U.population_loss(b, _cfg("learned", alpha=alpha), prior=log_zeta)

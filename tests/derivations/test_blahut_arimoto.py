@@ -72,7 +72,7 @@ def test_ba_fixed_point_rate_equals_mutual_information(bandit, ba):
 
 
 def test_rate_decomposes_into_mi_plus_marginal_kl(bandit):
-    """E_x KL(π‖ζ) = I_π(X;Y) + KL(p_π‖ζ) for any π and ζ (spec §1.2)."""
+    """E_x KL(π‖ζ) = I_π(X;Y) + KL(p_π‖ζ) for any π and ζ (mathematics §1.2)."""
     rng = np.random.default_rng(13)
     for _ in range(5):
         pi = rng.dirichlet(np.ones(bandit.k), size=bandit.n_x)
@@ -202,7 +202,7 @@ def test_mi_sample_weights_are_constants(bandit, ba):
 
 
 def test_mi_term_value_is_prior_cross_entropy_on_samples():
-    """The MI term alone: mi_weight · (−Σ_n w_n log ζ(y_n)) / Σ_n w_n (spec §1.5 ζ-step)."""
+    """The MI term alone: mi_weight · (−Σ_n w_n log ζ(y_n)) / Σ_n w_n (mathematics §1.5 ζ-step)."""
     rng = np.random.default_rng(16)
     n, t = 6, 3
     samples = -rng.exponential(size=(n, t))

@@ -1,10 +1,10 @@
-"""Shared pieces of the derivation and property tests (spec §3).
+"""Shared pieces of the derivation and property tests (mathematics §3).
 
 Float64 NumPy references (closed forms, enumerable bandits, an enumerable tiny LM) and the
 bridge that evaluates population losses through OUR :func:`mipo_jax.losses.mipo_loss`.
 Everything that builds JAX arrays here must run under ``jax.enable_x64(True)``.
 
-Bandit notation (spec §3): prompts x with weights ρ(x), responses y ∈ {0..K-1}, reward
+Bandit notation (mathematics §3): prompts x with weights ρ(x), responses y ∈ {0..K-1}, reward
 r(x, y), reference π_ref(·|x), pair-sampling distribution μ(·|x), all with full support.
 """
 
@@ -95,14 +95,14 @@ def make_bandit(seed: int, n_x: int = 3, k: int = 5, r=None) -> Bandit:
 
 
 def reward_objective(b: Bandit, pi, log_prior, beta):
-    """F(π) = E_x[E_π r − β KL(π(·|x) ‖ prior(·|x))] (spec §3.1; prior may be unnormalised)."""
+    """F(π) = E_x[E_π r − β KL(π(·|x) ‖ prior(·|x))] (mathematics §3.1; prior may be unnormalised)."""
     pi = np.asarray(pi, np.float64)
     per_x = np.sum(pi * (b.r - beta * (np.log(pi) - log_prior)), axis=-1)
     return float(np.sum(b.rho * per_x))
 
 
 def population_pairs(b: Bandit):
-    """All ordered (x, y_w, y_l) with their population weight (spec §3.2).
+    """All ordered (x, y_w, y_l) with their population weight (mathematics §3.2).
 
     Pairs (y1, y2) ~ μ(·|x)² with label y1 ≻ y2 w.p. σ(r1 − r2); listing both labellings of
     every ordered pair gives weight ρ μ(y1) μ(y2) σ(±Δr), summing to 1.
@@ -119,7 +119,7 @@ def population_pairs(b: Bandit):
 
 
 def bayes_risk(b: Bandit) -> float:
-    """E[H_b(σ(Δr))]: the population logistic loss of the true BT model (spec §3.2)."""
+    """E[H_b(σ(Δr))]: the population logistic loss of the true BT model (mathematics §3.2)."""
     dr = b.r[:, :, None] - b.r[:, None, :]
     w = b.rho[:, None, None] * b.mu[:, :, None] * b.mu[:, None, :]
     return float(np.sum(w * binary_entropy(sigmoid(dr))))
@@ -203,7 +203,7 @@ def bfgs(fun, x0, gtol=1e-12, maxiter=10_000):
 
 
 def blahut_arimoto(b: Bandit, beta_mi: float, zeta0=None, iters: int = 20_000, tol=1e-15):
-    """π ∝ ζ e^{β r}, ζ ← Σ_x ρ π (spec §1.2, §3.7). Returns (π, ζ, history of objectives).
+    """π ∝ ζ e^{β r}, ζ ← Σ_x ρ π (mathematics §1.2, §3.7). Returns (π, ζ, history of objectives).
 
     The history holds F(π_k, ζ_{k−1}) and F(π_k, ζ_k) alternately, F(π, ζ) =
     E[r] − (1/β) E_x KL(π‖ζ): each half-step maximises F in one block.
@@ -229,7 +229,7 @@ def mutual_information(rho, pi):
 
 
 # --------------------------------------------------------------------------------------
-# Tiny autoregressive LM over {a, b, c, EOS}, max length 5 (spec §3.9)
+# Tiny autoregressive LM over {a, b, c, EOS}, max length 5 (mathematics §3.9)
 # --------------------------------------------------------------------------------------
 
 VOCAB = 4  # a, b, c, EOS

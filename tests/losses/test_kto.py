@@ -1,4 +1,4 @@
-"""KTO against an independent float64 NumPy form of TRL's ``kto_loss`` (spec §2.14)."""
+"""KTO against an independent float64 NumPy form of TRL's ``kto_loss`` (mathematics §2.14)."""
 
 import jax
 import numpy as np

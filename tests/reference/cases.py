@@ -1,4 +1,4 @@
-"""The spec §2 harness: each algorithm's original formula next to MI-DPO from its config.
+"""The mathematics §2 harness: each algorithm's original formula next to MI-DPO from its config.
 
 This is the only module under ``tests/reference`` that imports ``mipo_jax``: the originals
 (``originals.py``) and their complex-step gradients (``complex_step.py``) stay independent.
@@ -171,7 +171,7 @@ def log_prior_fn(case: Case, config, fx: Fixture):
 
 
 def loss_with_frozen_prior(inputs: TokenInputs, loss_cfg):
-    """MI-DPO with the configured prior wrapped in ``stop_gradient`` (spec §2.4(c)).
+    """MI-DPO with the configured prior wrapped in ``stop_gradient`` (mathematics §2.4(c)).
 
     The prior's sequence score log ζ is spread evenly over the completion tokens of the
     ``learned``-prior field, which sums back to log ζ, with the gradient stopped.

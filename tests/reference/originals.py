@@ -1,4 +1,4 @@
-"""Every algorithm's ORIGINAL loss, in float64 NumPy, written from spec §2 in its own form.
+"""Every algorithm's ORIGINAL loss, in float64 NumPy, written from mathematics §2 in its own form.
 
 Nothing here goes through a prior and nothing imports ``mipo_jax``: these are the formulas as
 the papers and their reference code write them, so that
@@ -76,7 +76,7 @@ def batch_mean(per_pair):
 
 
 # ------------------------------------------------------------------------------------------
-# Per-token and per-sequence quantities (spec §0.3)
+# Per-token and per-sequence quantities (mathematics §0.3)
 # ------------------------------------------------------------------------------------------
 
 
@@ -123,7 +123,7 @@ def chosen_nll(Lp, y, m):
 
 
 # ------------------------------------------------------------------------------------------
-# MI-DPO's eight (spec §2.1–2.8) and the other exact fits (§2.15–2.19, §2.24)
+# MI-DPO's eight (mathematics §2.1–2.8) and the other exact fits (§2.15–2.19, §2.24)
 # ------------------------------------------------------------------------------------------
 
 
@@ -149,7 +149,7 @@ def spin(Lp, Lprev, y, m, *, lam):
 
 
 def hdpo(Lp, Lr, y, m, *, beta, a):
-    """H-DPO (Omura et al. 2024; spec §2.3): −log σ(β(a S^π_w − S^ref_w) − β(a S^π_l − S^ref_l))."""
+    """H-DPO (Omura et al. 2024; mathematics §2.3): −log σ(β(a S^π_w − S^ref_w) − β(a S^π_l − S^ref_l))."""
     sp, sr = S(Lp, y, m), S(Lr, y, m)
     z = beta * (a * sp[..., W] - sr[..., W]) - beta * (a * sp[..., L] - sr[..., L])
     return batch_mean(-log_sigmoid(z))
@@ -164,7 +164,7 @@ def simpo(Lp, y, m, *, beta, gamma):
 
 
 def rdpo(Lp, Lr, y, m, *, beta, alpha):
-    """R-DPO (Park et al. 2024; spec §2.5): −log σ(β h + α(|y_w| − |y_l|)), |y| in tokens."""
+    """R-DPO (Park et al. 2024; mathematics §2.5): −log σ(β h + α(|y_w| − |y_l|)), |y| in tokens."""
     n = lengths(m)
     return batch_mean(-log_sigmoid(beta * dpo_h(Lp, Lr, y, m) + alpha * (n[..., W] - n[..., L])))
 

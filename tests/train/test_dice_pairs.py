@@ -1,4 +1,4 @@
-"""DICE's pair construction: s̃ ranking and the α_L grid search (spec §2.2)."""
+"""DICE's pair construction: s̃ ranking and the α_L grid search (mathematics §2.2)."""
 
 import numpy as np
 import pytest
