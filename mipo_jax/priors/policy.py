@@ -133,7 +133,8 @@ def odds(inputs, cfg):
 
 @PRIORS.register("learned", needs=("prior",))
 def learned(inputs, cfg):
-    """A learnable prior ζ_φ(y): a prompt-free model trained jointly with π (mathematics §1.2, §1.5).
+    """A learnable prior ζ_φ(y): a prompt-free model trained jointly with π (mathematics
+    §1.2, §1.5).
 
     log ζ = Σ_t log ζ_φ(y_t | y_<t) from the batch field ``prior``; the gradient flows into φ.
     Pair it with the ``mi_weight`` term, which pins ζ_φ to the policy's response marginal

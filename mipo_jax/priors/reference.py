@@ -46,7 +46,7 @@ def length_tilted_reference(inputs, cfg):
 
 @PRIORS.register("uniform")
 def uniform(inputs, cfg):
-    """CPO's preference term and SimPO mapping (i) (mathematics §2.16, §2.4): ζ constant, log ζ = 0."""
+    """CPO's preference term, SimPO mapping (i) (mathematics §2.16, §2.4): log ζ = 0."""
     return jnp.zeros(inputs.policy.shape[:2], inputs.policy.dtype)
 
 

@@ -94,7 +94,7 @@ def test_population_dpo_recovers_optimum_and_bayes_risk(bandit):
 
 
 def test_population_midpo_fixed_prior_recovers_gibbs(bandit):
-    """MI-DPO with a fixed prompt-free ζ and α = 1/β_MI: minimiser ∝ ζ e^{r/α} (mathematics §3.2)."""
+    """MI-DPO, fixed prompt-free ζ, α = 1/β_MI: minimiser ∝ ζ e^{r/α} (mathematics §3.2)."""
     b, alpha = bandit, 0.7
     log_zeta = U.log_softmax(np.random.default_rng(3).normal(size=b.k))
     loss = U.population_loss(b, _cfg("learned", alpha=alpha), prior=log_zeta)

@@ -95,7 +95,8 @@ def make_bandit(seed: int, n_x: int = 3, k: int = 5, r=None) -> Bandit:
 
 
 def reward_objective(b: Bandit, pi, log_prior, beta):
-    """F(π) = E_x[E_π r − β KL(π(·|x) ‖ prior(·|x))] (mathematics §3.1; prior may be unnormalised)."""
+    """F(π) = E_x[E_π r − β KL(π(·|x) ‖ prior(·|x))] (mathematics §3.1; prior unnormalised
+    allowed)."""
     pi = np.asarray(pi, np.float64)
     per_x = np.sum(pi * (b.r - beta * (np.log(pi) - log_prior)), axis=-1)
     return float(np.sum(b.rho * per_x))

@@ -1,6 +1,6 @@
 """Random float64 inputs of the mathematics §2 harness: B = 4 pairs, T = 7 tokens, V = 11 words.
 
-Seed 0 uses the lengths of mathematics §2's harness (chosen 7, 5, 3, 6; rejected 4, 7, 2, 6: one pair with
+Seed 0 uses the harness's lengths (chosen 7, 5, 3, 6; rejected 4, 7, 2, 6: one pair with
 |y_w| = |y_l|, one with |y_w| < |y_l|) and prompt offsets 0, 0, 2, 1, so completions do not
 all start at t = 0. Other seeds draw lengths and offsets at random. Tokens, weights and
 masks at prompt and padding positions are random too: they must not matter.

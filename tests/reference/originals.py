@@ -149,7 +149,8 @@ def spin(Lp, Lprev, y, m, *, lam):
 
 
 def hdpo(Lp, Lr, y, m, *, beta, a):
-    """H-DPO (Omura et al. 2024; mathematics §2.3): −log σ(β(a S^π_w − S^ref_w) − β(a S^π_l − S^ref_l))."""
+    """H-DPO (Omura et al. 2024; mathematics §2.3):
+    −log σ(β(a S^π_w − S^ref_w) − β(a S^π_l − S^ref_l))."""
     sp, sr = S(Lp, y, m), S(Lr, y, m)
     z = beta * (a * sp[..., W] - sr[..., W]) - beta * (a * sp[..., L] - sr[..., L])
     return batch_mean(-log_sigmoid(z))
