@@ -69,8 +69,28 @@ def explain_flag_error(err: Exception, argv) -> str:
     return text[-1] if text else type(err).__name__
 
 
+def resolve_config_names(argv: list[str]) -> list[str]:
+    """``--config=dpo[:arg]`` (a name, no ``.py``) → the installed ``configs/dpo.py[:arg]``,
+    so the command works from any folder once the package is installed."""
+    out = []
+    for a in argv:
+        if a.startswith("--config=") and ".py" not in a and "/" not in a:
+            name, colon, arg = a.removeprefix("--config=").partition(":")
+            import configs
+
+            path = os.path.join(os.path.dirname(configs.__file__), f"{name}.py")
+            if not os.path.isfile(path):
+                fail(
+                    f"--config={name}: no such config; choose one of: {', '.join(configs.names())}"
+                )
+            a = f"--config={path}{colon}{arg}"
+        out.append(a)
+    return out
+
+
 def parse_flags(argv):
     """absl ``flags_parser``: parse, or exit 2 with a short message."""
+    argv = resolve_config_names(argv)
     spec = _flag_value(argv, "config")
     if spec is not None and not os.path.isfile(spec.partition(":")[0]):
         fail(f"--config={spec}: no such config file {spec.partition(':')[0]!r} (see configs/)")
@@ -87,6 +107,9 @@ def user_errors(debug: bool):
     """Errors about the config, data or paths: a short message and exit 2 (unless debug)."""
     try:
         yield
+    except BrokenPipeError:  # output piped into e.g. `head`, which stopped reading
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        sys.exit(0)
     except USER_ERRORS as err:
         if debug:
             raise

@@ -77,3 +77,26 @@ def load_tokenizer(spec: str, *, revision: str | None = None):
     from mipo_jax.hf.hub import resolve_model
 
     return AutoTokenizer.from_pretrained(str(resolve_model(spec, revision=revision, weights=False)))
+
+
+def export(name: str, folder: str | os.PathLike = ".") -> list[str]:
+    """Copy an embedded set's splits to ``<folder>/<name>_<split>.jsonl`` (to try the
+    own-data path with real files); returns the paths written."""
+    import shutil
+
+    out = []
+    for split in SPLITS:
+        dest = Path(folder) / f"{name}_{split}.jsonl"
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(embedded_path(name, split), dest)
+        out.append(str(dest))
+    return out
+
+
+if __name__ == "__main__":  # python -m mipo_jax.data.embedded NAME [FOLDER]
+    import sys
+
+    if len(sys.argv) not in (2, 3) or sys.argv[1] not in EMBEDDED:
+        sys.exit(f"usage: python -m mipo_jax.data.embedded {{{','.join(EMBEDDED)}}} [FOLDER]")
+    for path in export(*sys.argv[1:]):
+        print(path)
