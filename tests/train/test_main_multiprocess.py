@@ -58,6 +58,7 @@ SAMPLING = {
     "spin": ("--config=configs/spin.py:tiny",),  # 2 rounds x 1 step
     "mipo_learned": ("--config=configs/mipo_learned.py:tiny",),  # 2 steps, MI samples
 }  # fmt: skip
+SAMPLING_TIMEOUT_S = 2 * w.TIMEOUT_S  # 3 processes compile sampling, scoring, step and eval
 
 
 def main(workdir, steps, processes: int, devices: int, env: dict, cache, args=ARGS) -> list:
@@ -157,7 +158,8 @@ def test_sampling_algorithms_two_processes_like_one(algorithm, tmp_path):
     equals one process's. DICE also resumes mid-round on both processes from round 1's file."""
     env, args = fast_env(tmp_path), SAMPLING[algorithm] + SAMPLING_ARGS  # --config first
     one, two, back = tmp_path / "one", tmp_path / "two", tmp_path / "back"
-    outs = w.finish(main(one, None, 1, 4, env, None, args) + main(two, None, 2, 2, env, None, args))
+    runs = main(one, None, 1, 4, env, None, args) + main(two, None, 2, 2, env, None, args)
+    outs = w.finish(runs, timeout=SAMPLING_TIMEOUT_S)
     if algorithm == "dice":  # round 1's pairs are sampled and ranked (round 0's scores tie)
         assert all("round 1: 8 pairs" in out for out in outs), outs[0][-3000:]
     if algorithm != "mipo_learned":  # the same pairs, token for token
@@ -175,7 +177,7 @@ def test_sampling_algorithms_two_processes_like_one(algorithm, tmp_path):
     shutil.rmtree(back / "checkpoints" / "4")
     shutil.rmtree(back / "export")
     (back / "metrics.jsonl").unlink()
-    outs = w.finish(main(back, None, 2, 2, env, None, args))
+    outs = w.finish(main(back, None, 2, 2, env, None, args), timeout=SAMPLING_TIMEOUT_S)
     for out in outs:
         assert "checkpoints/3 at step 3" in out, out[-3000:]
         assert "round 1: 8 pairs" in out and "round 1: DICE" not in out, out[-3000:]
