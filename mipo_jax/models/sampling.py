@@ -11,9 +11,18 @@ greedy decoding matches `transformers`' `generate(do_sample=False)` token for to
 
 Sampling order follows transformers: temperature, then top-k, then top-p (nucleus, keeping
 at least one token). ``temperature=0`` is greedy. The same seed gives the same samples.
+
+On a mesh (``sharding=NamedSharding(mesh, P(("data", "fsdp")))``, the model's parameters in
+their training sharding) the rows are split over the batch axes, also across processes:
+every process passes the same, whole list of prompts and gets every row back. The random
+numbers do not depend on the sharding or the process count: one key draws each step's noise
+for the whole ``[B, V]`` batch, and with ``jax_threefry_partitionable`` (JAX's default) the
+bits of element (b, v) are a function of the key and its index b·V + v alone. Rows added to
+fill the last shard come after the real ones, so they change no real row's numbers either.
 """
 
 import functools
+import math
 from collections.abc import Sequence
 from typing import NamedTuple
 
@@ -21,6 +30,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec
 
 from mipo_jax.models.transformer import CausalLM, KVCache
 
@@ -81,29 +91,64 @@ def generate(
     eos_ids: Sequence[int] | None = None,
     pad_id: int = 0,
     seed: int = 0,
+    sharding: NamedSharding | None = None,
 ) -> Generation:
     """Continue each prompt (a list of token ids) for up to `max_new_tokens` tokens.
 
     `eos_ids` defaults to the model config's EOS ids; a row stops after emitting one.
+    `sharding`: the batch axis's sharding on the mesh of the model's parameters; every process
+    passes the whole batch and gets every row back, as host (numpy) arrays.
     """
     eos = tuple(model.config.eos_ids if eos_ids is None else eos_ids)
     eos_arr = np.full(max(_EOS_SLOTS, len(eos)), -1, np.int32)  # -1 never matches
     eos_arr[: len(eos)] = eos
+    rows = len(prompts)
+    if sharding is not None:  # fill the last shard with copies of the last prompt
+        prompts = list(prompts) + [prompts[-1]] * (-rows % batch_shards(sharding))
     tokens, mask = left_pad(prompts, pad_id)
     graphdef, state = nnx.split(model)
     knobs = (
-        jnp.float32(temperature),
-        jnp.int32(top_k or 0),
-        jnp.float32(1.0 if top_p is None else top_p),
+        np.float32(temperature),
+        np.int32(top_k or 0),
+        np.float32(1.0 if top_p is None else top_p),
         eos_arr,
     )
-    key = jax.random.key(seed)
-    return _generate(graphdef, state, tokens, mask, key, knobs, (max_new_tokens, pad_id))
+    key = np.asarray(jax.random.key_data(jax.random.key(seed)))
+    static = (max_new_tokens, pad_id)
+    if sharding is None:
+        return _generate(graphdef, state, tokens, mask, key, knobs, static)
+    whole = NamedSharding(sharding.mesh, PartitionSpec())
+    tokens, mask = (_global(x, sharding) for x in (tokens, mask))
+    key, knobs = jax.tree.map(lambda x: _global(x, whole), (key, knobs))
+    out = _generate(graphdef, state, tokens, mask, key, knobs, static)
+    return Generation(*(_gather(x)[:rows] for x in out))
+
+
+def batch_shards(sharding: NamedSharding) -> int:
+    """Into how many blocks ``sharding`` splits the leading (batch) axis."""
+    axes = sharding.spec[0] if len(sharding.spec) else None
+    axes = () if axes is None else (axes,) if isinstance(axes, str) else tuple(axes)
+    return math.prod(sharding.mesh.shape[a] for a in axes)
+
+
+def _global(x: np.ndarray, sharding: NamedSharding) -> jax.Array:
+    """A global array from the whole value, which every process holds alike."""
+    return jax.make_array_from_process_local_data(sharding, x, x.shape)
+
+
+def _gather(x: jax.Array) -> np.ndarray:
+    """A global array's whole value on every process."""
+    if x.is_fully_addressable or x.is_fully_replicated:
+        return np.asarray(x)
+    from jax.experimental import multihost_utils
+
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
 
 
 @functools.partial(jax.jit, static_argnums=(0, 6))
-def _generate(graphdef, state, tokens, mask, key, knobs, static) -> Generation:
+def _generate(graphdef, state, tokens, mask, key_data, knobs, static) -> Generation:
     (temperature, top_k, top_p, eos), (max_new, pad_id) = knobs, static
+    key = jax.random.wrap_key_data(key_data)
     model = nnx.merge(graphdef, state)
     batch, width = tokens.shape
     cache = KVCache.init(model.config, batch, width + max_new)

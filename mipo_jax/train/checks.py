@@ -140,8 +140,8 @@ def _check_algorithm_state(config) -> None:
 
 def validate_runtime(config, process_count: int) -> None:
     """Checks that need the (initialised) runtime."""
-    if ("rounds" in config or "prior_model" in config) and process_count > 1:
+    if "rounds" in config and config.batch_size % process_count:
         raise ValueError(
-            f"{config.algorithm} samples from the policy on the host, which this trainer does in "
-            "single-process runs only (one process may still drive many devices)"
+            f"batch_size={config.batch_size}: DICE/SPIN's round pairs are padded batches whose "
+            f"examples split evenly over the processes; use a multiple of {process_count}"
         )

@@ -15,10 +15,18 @@ A round's pairs are written to ``<workdir>/rounds/round_<t>.npz`` and the source
 (round, epoch, step) is checkpointed, so a resume mid-round trains on the same pairs.
 All rounds share one optimiser state and one learning-rate schedule over
 ``num_rounds × steps_per_round`` steps.
+
+Several processes: every process builds the same round. The prompts are a global list, the
+sampling and DICE's scoring run on the whole mesh (`mipo_jax.train.samples`), and every
+process gets every sample and score back, so all hold the same pairs (checked) and each
+trains on its block of every global batch, as with the dataset. Process 0 writes the round
+file; on a resume every process reads it, so the workdir must be shared, as the checkpoints
+need anyway (the file holds what no checkpoint does: DICE scores with π_{t−2}).
 """
 
 import dataclasses
 import functools
+import hashlib
 import logging
 import os
 
@@ -30,7 +38,9 @@ from mipo_jax.data.iterator import PreferenceIterator
 from mipo_jax.data.packing import Layout
 from mipo_jax.data.ragged import Ragged
 from mipo_jax.data.report import Report
+from mipo_jax.models.sampling import batch_shards
 from mipo_jax.train import dice_pairs, step_batch
+from mipo_jax.train.data import fetch, to_device
 from mipo_jax.train.samples import Sampler, sample_completions
 from mipo_jax.train.scoring import Scorer, sequence_logps
 
@@ -38,13 +48,12 @@ log = logging.getLogger("mipo_jax.train")
 
 
 class _RoundData:
-    """Padded batches of one round's pairs (host-only fields dropped)."""
+    """This process's block of padded batches of one round's pairs (host-only fields dropped).
+
+    ``batch_size``: examples per process (the global batch over the process count)."""
 
     def __init__(self, data: Tokenized, batch_size: int, seed: int):
-        self.it = PreferenceIterator(
-            data, Layout(kind="padded", batch_size=batch_size), seed=seed,
-            process_index=0, process_count=1,
-        )  # fmt: skip
+        self.it = PreferenceIterator(data, Layout(kind="padded", batch_size=batch_size), seed=seed)
 
     def __next__(self):
         b = next(self.it)
@@ -101,12 +110,19 @@ class RoundSource:
     def _start(self, r: int, state) -> None:
         """Round ``r``'s pairs: reloaded, or built from the state's policy and prior."""
         path = os.path.join(self.workdir, "rounds", f"round_{r}.npz")
-        if os.path.exists(path):
+        if _exists_on_process_0(path):  # all processes load, or all build (collectives)
+            if not os.path.exists(path):
+                raise FileNotFoundError(
+                    f"{path}: process 0 has this round's pairs, process {jax.process_index()} "
+                    "cannot read them; every process must see the same workdir (a shared "
+                    "file system, as the checkpoints need)"
+                )
             data = _load(path, self.dataset.data.pad_id)
         else:
             data = self._build(r, state.params["policy"], state.aux["reference"])
             if jax.process_index() == 0:
                 _save(path, data)
+        _check_same_everywhere(data, path)
         per_process = int(self.config.batch_size) // jax.process_count()
         self.data = _RoundData(data, per_process, self.config.seed + r)
         self.round = r
@@ -118,16 +134,23 @@ class RoundSource:
         return idx, [d.prompt[int(i)].tolist() for i in idx]
 
     def _seq_logps(self, params, prompts, completions) -> np.ndarray:
+        """Summed log-probs of each (global) prompt's completion, scored on the whole mesh:
+        every process passes every row and gets every score back."""
         data = _tokenized(prompts, [completions], self.dataset.data.pad_id)
         width = max(len(c) for c in completions)
         length = max(len(p) + len(c) for p, c in zip(prompts, completions))
-        out, bs = [], 64
+        sharding = self.sampler.sharding
+        bs = 64 if sharding is None else _up(64, batch_shards(sharding))
+        out = []
         for lo in range(0, len(data), bs):
             idx = np.arange(lo, min(lo + bs, len(data)))
             b = step_batch.padded_examples(
                 data, idx, max_length=_up(length), max_completion=_up(width)
             )
-            out.append(np.asarray(self._score(params, step_batch.pad_groups(b, bs)))[: len(idx), 0])
+            b = step_batch.pad_groups(b, bs)
+            if sharding is not None:
+                b = to_device(b, sharding, whole=True)
+            out.append(fetch(self._score(params, b))[: len(idx), 0])
         return np.concatenate(out)
 
     def _build(self, r: int, prior_new, prior_old) -> Tokenized:
@@ -183,6 +206,39 @@ class RoundSource:
 
 def _up(n: int, m: int = 8) -> int:
     return -(-n // m) * m
+
+
+def _exists_on_process_0(path: str) -> bool:
+    """Whether process 0 sees ``path`` (every process gets its answer)."""
+    here = os.path.exists(path)
+    if jax.process_count() == 1:
+        return here
+    from jax.experimental import multihost_utils
+
+    return bool(multihost_utils.broadcast_one_to_all(np.int32(here)))
+
+
+def _digest(data: Tokenized) -> np.ndarray:
+    h = hashlib.sha256()
+    for r in (data.prompt, *data.completions):
+        h.update(np.ascontiguousarray(r.values).tobytes())
+        h.update(np.ascontiguousarray(r.offsets).tobytes())
+    return np.frombuffer(h.digest()[:16], np.uint32)
+
+
+def _check_same_everywhere(data: Tokenized, path: str) -> None:
+    """Refuse to train when processes hold different pairs (each trains its block of them)."""
+    if jax.process_count() == 1:
+        return
+    from jax.experimental import multihost_utils
+
+    digests = multihost_utils.process_allgather(_digest(data))
+    if not (digests == digests[0]).all():
+        raise RuntimeError(
+            f"{path}: the processes built different round pairs (sampling or scoring is not "
+            "deterministic across processes); digests per process: "
+            f"{[bytes(d).hex() for d in digests]}"
+        )
 
 
 def _tokenized(prompts, completions, pad_id) -> Tokenized:

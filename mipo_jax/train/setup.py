@@ -225,7 +225,7 @@ def build(
     state = jax.device_put(init_fn(params, aux), shardings)
 
     sampler = Sampler(policy.graph, train_data.width, policy.config.eos_ids,
-                      train_data.data.pad_id)  # fmt: skip
+                      train_data.data.pad_id, batch_sharding)  # fmt: skip
     scorer = Scorer(policy.graph, chunk_size=int(config.train.logps_chunk))
     transforms = []
     if "prior_model" in config and config.loss.mi_weight:
