@@ -22,6 +22,8 @@ and the base alone is exactly the un-adapted model's (the reference "with adapte
 Projections inside the stacked layers get stacked adapters (leading ``layers`` axis, like
 their kernels); the adapters take their kernel's logical axis names (A its input axes, B
 its output axes, the rank axis replicated), so they are sharded like the base weights.
+Adapters are float32 (or wider) whatever the base's parameter dtype: a frozen base may be
+stored in bfloat16 while its adapters train in float32.
 
 With ``dropout > 0`` each adapted projection also holds `LoraDropout` variables (a PRNG
 key and the keep probability, per layer): they are not parameters, `combine` fills them
@@ -161,8 +163,9 @@ def attach(model: nnx.Module, settings: LoraSettings, key: jax.Array) -> Adapted
         stack, d_in, d_out = shape[:s], shape[s : s + n_in], shape[s + n_in :]
         bound = 1.0 / math.sqrt(math.prod(d_in))
         a_shape = (*stack, *d_in, settings.rank)
-        a = jax.random.uniform(jax.random.fold_in(key, i), a_shape, kernel.dtype, -bound, bound)
-        b = jnp.zeros((*stack, settings.rank, *d_out), kernel.dtype)
+        dtype = jnp.promote_types(kernel.dtype, jnp.float32)  # trained: never below float32
+        a = jax.random.uniform(jax.random.fold_in(key, i), a_shape, dtype, -bound, bound)
+        b = jnp.zeros((*stack, settings.rank, *d_out), dtype)
         a_names = (*names[: s + n_in], None)
         b_names = (*names[:s], None, *names[s + n_in :])
         object.__setattr__(dense, "__class__", LoraDense)  # not an attribute of the module
