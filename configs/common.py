@@ -98,6 +98,11 @@ def add_run_sections(config: mlc.ConfigDict) -> None:
             remat="none",  # none | full | dots_saveable | dots_with_no_batch_dims_saveable
             scan_layers=True,
             attention_block=128,  # queries per attention block (0 = one block); see README
+            # LoRA (rank 0 = off): train adapters W + (alpha/rank)·A·B on these projections
+            # (q,k,v,o,gate,up,down) with input dropout; see mipo_jax/train/adapters.py
+            lora=mlc.ConfigDict(
+                dict(rank=0, alpha=16.0, targets="q,k,v,o,gate,up,down", dropout=0.0)
+            ),
         )
     )
     config.data = data_config(max_length=512)  # see mipo_jax.data.pipeline.data_config

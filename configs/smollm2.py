@@ -11,6 +11,13 @@ conversational preference set (right answer vs near miss). About 1 minute per st
       --config.train.num_steps=20 --config.reference.mode=cached
 
 ``:tiny`` swaps in a tiny random model and the small offline ``chat_bpe`` tokenizer.
+
+``:lora`` trains rank-8 LoRA adapters (α = 16, on q, k, v, o, gate, up, down) instead of
+every weight, at a LoRA-sized learning rate (5e-5); the base weights stay frozen and are
+the reference (adapters off). Checkpoints hold the adapters; the export is the merged
+model plus the adapters alone in PEFT's format (``export/adapter``). Combine: ``:tiny,lora``.
+
+  python -m mipo_jax.main --config=configs/smollm2.py:lora --workdir=/tmp/smollm2_lora
 """
 
 from configs import common
@@ -18,7 +25,7 @@ from mipo_jax.losses import loss_config
 
 
 def get_config(arg=None):
-    arg = common.parse_arg(arg, tiny=False)
+    arg = common.parse_arg(arg, tiny=False, lora=False)
     loss = loss_config("reference")
     loss.alpha = 0.1
     config = common.make(
@@ -33,6 +40,9 @@ def get_config(arg=None):
             completion_width=48,
         )
     )
+    if arg.lora:
+        config.model.lora.update(dict(rank=8, alpha=16.0, targets="q,k,v,o,gate,up,down"))
+        config.optim.learning_rate = 5e-5
     if arg.tiny:
         config.data.tokenizer = "chat_bpe"
         return config

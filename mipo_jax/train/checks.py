@@ -9,6 +9,7 @@ from mipo_jax.data.pipeline import eval_plan
 from mipo_jax.losses import check_reference_mode, requirements
 from mipo_jax.losses import validate as validate_loss
 from mipo_jax.models.config import DTYPES, FAMILIES, REMAT_POLICIES
+from mipo_jax.train import adapters
 from mipo_jax.train.optim import OPTIMIZERS, SCHEDULES
 
 REFERENCE_MODES = ("live", "cached", "dataset")
@@ -72,6 +73,7 @@ def validate(config) -> None:
     if t.eval_batches > 0:
         eval_plan(config.data, "eval")  # where evaluation rows come from (nothing is loaded)
     _check_algorithm_state(config)
+    adapters.validate(config)  # model.lora
     if "token_weights" in config:
         _check_token_weights(config.token_weights)
 

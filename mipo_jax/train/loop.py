@@ -177,7 +177,7 @@ def _finish(run: Run, state, first_eval, final, seconds) -> dict:
         from mipo_jax.hf.export import save_pretrained
 
         export = os.path.join(workdir, "export")
-        model = nnx.merge(run.policy.graph, state.params["policy"])
+        model = nnx.merge(run.policy.graph, run.policy_params(state))
         save_pretrained(model, export, tokenizer=run.tokenizer, dtype=cfg.export.dtype)
     png = None
     if cfg.export.plot:

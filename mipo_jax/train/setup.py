@@ -23,7 +23,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from mipo_jax.data.vocab import check_vocab
 from mipo_jax.sharding import make_mesh
-from mipo_jax.train import checks, modules, needs, optim, rounds
+from mipo_jax.train import adapters, checks, modules, needs, optim, rounds
 from mipo_jax.train import state as st
 from mipo_jax.train import token_weights as tw
 from mipo_jax.train.data import StepData, fetch, to_device
@@ -46,7 +46,7 @@ class Run:
     batch_sharding: NamedSharding
     tokenizer: object
     policy: modules.Built  # graph, shardings and provenance (params: in the state only)
-    reference: dict | None  # the frozen live reference's params, else None
+    reference: dict | None  # the frozen live reference's params (with LoRA: the base), or None
     reference_source: str
     spec: StepSpec
     state_shardings: st.TrainState
@@ -56,6 +56,12 @@ class Run:
     step_fn: object  # the jitted train step: (state, batch, reference) -> (state, metrics)
     evaluator: Evaluator
     data_reports: dict  # split -> what was read, kept, skipped (per reason) and truncated
+    lora: adapters.LoraPolicy | None = None  # model.lora: the state's policy params are adapters
+
+    def policy_params(self, state) -> dict:
+        """The policy's parameters as ``policy.graph`` takes them (LoRA: base ∪ adapters)."""
+        p = state.params["policy"]
+        return p if self.lora is None else self.lora.params(p)
 
 
 def mesh_of(config):
@@ -177,10 +183,16 @@ def build(
     log.info("policy: %s (%s)", policy.source, _count(policy.params))
     splits = [d.data for d in (train_data, eval_data) if d is not None]
     check_vocab(policy.config, tokenizer, *splits, name=f"model.init={init or config.model.init}")
+    lora = adapters.build(policy, config.model, mesh, config.seed)  # None: model.lora off
+    if lora is not None:
+        log.info("%s", adapters.describe(lora))
 
     fields = needs.loss_fields(config)
     live = needs.live_reference(config)
-    reference = modules.copy_params(policy.params) if live else None
+    if lora is None:
+        reference = modules.copy_params(policy.params) if live else None
+    else:  # the base: the policy's frozen weights and, adapters off, the reference (no copy)
+        reference = policy.params
     ref_source = policy.source if needs.needs_reference(config) else "none"
     if config.reference.mode == "cached" and needs.needs_reference(config):
         _attach_caches(config, policy, [d for d in (train_data, eval_data) if d], batch_sharding)
@@ -193,8 +205,9 @@ def build(
     aux, aux_sh = (
         ({"reference": reference}, {"reference": policy.shardings}) if moving else ({}, {})
     )
+    graph = policy.graph if lora is None else lora.graph
     spec = StepSpec(
-        graphs=(("policy", policy.graph),) + tuple((k, v[0]) for k, v in extras.items()),
+        graphs=(("policy", graph),) + tuple((k, v[0]) for k, v in extras.items()),
         ref_graph=policy.graph if live else None,
         loss=mlc.FrozenConfigDict(config.kto if config.objective == "unpaired" else config.loss),
         tx=tx,
@@ -212,9 +225,13 @@ def build(
             else None
         ),
         round_steps=int(config.rounds.steps_per_round) if "rounds" in config else None,
+        lora=None if lora is None else lora.adapted,
     )
-    params = {"policy": policy.params, **{k: v[1] for k, v in extras.items()}}
-    p_sh = {"policy": policy.shardings, **{k: v[2] for k, v in extras.items()}}
+    own, own_sh = (
+        (policy.params, policy.shardings) if lora is None else (lora.adapters, lora.shardings)
+    )
+    params = {"policy": own, **{k: v[1] for k, v in extras.items()}}
+    p_sh = {"policy": own_sh, **{k: v[2] for k, v in extras.items()}}
     if aux:
         reference = None  # the step reads the moving reference from the state
     abstract = jax.eval_shape(lambda p, a: st.init_state(p, tx, config.seed, a), params, aux)
@@ -224,14 +241,17 @@ def build(
         init_fn = jax.jit(init_fn, out_shardings=shardings)
     state = jax.device_put(init_fn(params, aux), shardings)
 
-    sampler = Sampler(policy.graph, train_data.width, policy.config.eos_ids,
+    sampler = Sampler(graph, train_data.width, policy.config.eos_ids,
                       train_data.data.pad_id, batch_sharding)  # fmt: skip
-    scorer = Scorer(policy.graph, chunk_size=int(config.train.logps_chunk))
-    transforms = []
+    scorer = Scorer(graph, chunk_size=int(config.train.logps_chunk))
+    transforms, eval_transforms = [], []
     if "prior_model" in config and config.loss.mi_weight:
-        transforms.append(PolicySamples(sampler, config.prior_model.samples_per_step, config.seed))
+        samples = PolicySamples(sampler, config.prior_model.samples_per_step, config.seed)
+        eval_transforms.append(samples)  # a LoRA evaluator sees the adapted params already
+        transforms.append(samples if lora is None else adapters.ViewedTransform(samples, lora))
     if "token_weights" in fields:
         transforms.append(_token_weighter(config, token_models, mesh, batch_sharding))
+        eval_transforms.append(transforms[-1])
     source = train_data
     if "rounds" in config:
         source = rounds.RoundSource(config, workdir, train_data, sampler, scorer)
@@ -243,18 +263,29 @@ def build(
         out_shardings=(shardings, st.replicated(mesh)),
         donate_argnums=0,
     )
+    ev_spec, ev_sh, ev_ref, ev_ref_sh, initial = spec, shardings, reference, ref_sh, policy.params
+    if lora is not None:
+        ev_spec, ev_sh, ev_ref, ev_ref_sh = adapters.evaluator_parts(lora, spec, shardings, live)
+        initial = ev_ref
     evaluator = Evaluator(
-        spec, shardings, batch_sharding, data=eval_data, num_batches=config.train.eval_batches,
-        transforms=transforms, reference=reference, ref_shardings=ref_sh,
-        task=make_task(config, tokenizer), scorer=scorer, initial_policy=policy.params,
+        ev_spec, ev_sh, batch_sharding, data=eval_data, num_batches=config.train.eval_batches,
+        transforms=eval_transforms, reference=ev_ref, ref_shardings=ev_ref_sh,
+        task=make_task(config, tokenizer), scorer=scorer, initial_policy=initial,
     )  # fmt: skip
+    if lora is not None:
+        evaluator = adapters.ViewedEvaluator(evaluator, lora)
     run = Run(
         config=config,
         workdir=workdir,
         mesh=mesh,
         batch_sharding=batch_sharding,
         tokenizer=tokenizer,
-        policy=dataclasses.replace(policy, params=None),  # the state holds (and donates) them
+        policy=dataclasses.replace(
+            policy,
+            graph=graph,
+            params=None,  # the state holds (and donates) them
+            shardings=policy.shardings if lora is None else lora.full_shardings,
+        ),
         reference=reference,
         reference_source=ref_source,
         spec=spec,
@@ -265,5 +296,6 @@ def build(
         step_fn=step_fn,
         evaluator=evaluator,
         data_reports={k: r.as_dict() for k, r in reports.items()},
+        lora=lora,
     )
     return run, state

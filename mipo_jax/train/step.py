@@ -11,6 +11,10 @@ Reference models that move are part of the step too, so they are exact and check
 ``state.aux["reference"]`` is read instead of ``ref_params`` when present; DICE/SPIN
 (``spec.round_steps``) freeze the policy into it at the first step of each round, and TR-DPO
 (``spec.ref_sync``) mixes the updated policy into it every ``sync_steps`` steps.
+
+LoRA (``spec.lora``, `mipo_jax.train.adapters`): ``params["policy"]`` are the adapters and
+``ref_params`` the frozen base; the policy runs on base ∪ adapters (`_policy`), so only the
+adapters get gradients and optimiser state.
 """
 
 import dataclasses
@@ -23,6 +27,7 @@ import optax
 from mipo_jax.losses import kto, mipo_loss
 from mipo_jax.losses.kto import kto_loss
 from mipo_jax.metrics import Metric
+from mipo_jax.models import lora
 from mipo_jax.train import inputs
 from mipo_jax.train.scoring import pairs, rows
 from mipo_jax.train.state import TrainState
@@ -46,6 +51,8 @@ class StepSpec:
       ref_sync: TR-DPO's ``(sync_steps, mixup_alpha)``, or None.
       round_steps: DICE/SPIN's steps per round (the policy becomes the prior at each round's
         first step), or None.
+      lora: `mipo_jax.models.lora.Adapted` when the policy's params are LoRA adapters over
+        the base weights passed as ``ref_params``, or None.
     """
 
     graphs: tuple
@@ -62,9 +69,19 @@ class StepSpec:
     attention_span: int | None = None  # bound on the main rows' `masks.attention_span`
     ref_sync: tuple[int, float] | None = None
     round_steps: int | None = None
+    lora: Any = None
 
     def graph(self, name: str):
         return dict(self.graphs)[name]
+
+
+def _policy(params, base, spec: StepSpec, rng=None) -> dict:
+    """LoRA: the policy's params as its graph takes them, base ∪ adapters (dropout keys from
+    ``rng``, none without); otherwise ``params`` as they are."""
+    if spec.lora is None:
+        return params
+    key = None if rng is None else jax.random.fold_in(rng, 0x4C6F5241)
+    return {**params, "policy": lora.combine(base, params["policy"], spec.lora, key)}
 
 
 def normalizers(batch, spec: StepSpec, params=None, ref_params=None) -> dict[str, jax.Array]:
@@ -116,6 +133,7 @@ def sft_loss(lp, batch, norms) -> tuple[jax.Array, dict[str, Metric]]:
 
 def loss_fn(params, ref_params, batch, rng, *, spec: StepSpec, norms):
     """``(loss, metrics)`` of one (micro-)batch; ``norms`` are the whole batch's counts."""
+    params = _policy(params, ref_params, spec, rng)
     if spec.objective == "sft":
         return sft_loss(inputs.sft_logps(params, batch, spec), batch, norms)
     if spec.objective == "unpaired":
@@ -132,7 +150,7 @@ def loss_fn(params, ref_params, batch, rng, *, spec: StepSpec, norms):
 
 def _grads(params, ref_params, batch, rng, spec: StepSpec):
     """Summed gradients and metrics over ``spec.grad_accum`` strided micro-batches."""
-    norms = normalizers(batch, spec, params, ref_params)
+    norms = normalizers(batch, spec, _policy(params, ref_params, spec), ref_params)
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
     n = spec.grad_accum
     if n == 1:
@@ -217,6 +235,6 @@ def train_step(state: TrainState, batch: dict, ref_params, *, spec: StepSpec):
 def eval_step(params: dict, batch: dict, ref_params, *, spec: StepSpec) -> dict[str, Metric]:
     """The loss's metrics on a held-out batch (no dropout, no update)."""
     spec = dataclasses.replace(spec, mask_dropout=0.0, grad_accum=1)
-    norms = normalizers(batch, spec, params, ref_params)
+    norms = normalizers(batch, spec, _policy(params, ref_params, spec), ref_params)
     _, metrics = loss_fn(params, ref_params, batch, None, spec=spec, norms=norms)
     return dict(metrics)
