@@ -10,7 +10,7 @@ per-device memory of this step on 8, 64 and 256 devices is in experiments/bench/
       --workdir=/shared/runs/llama3_1b --config.data.source=my_pairs.jsonl
 
 ``weights=<folder>``: a Hugging Face folder (config.json, safetensors, tokenizer), e.g. from
-``huggingface-cli download meta-llama/Llama-3.2-1B-Instruct --local-dir <folder>``; it is
+``hf download meta-llama/Llama-3.2-1B-Instruct --local-dir <folder>``; it is
 the policy's start, the reference and the tokenizer. Without it the policy is a *random*
 model of the same shape with the bundled SmolLM2 tokenizer: a rehearsal of memory and
 speed on a new slice that needs no download. ``batch_size`` (pairs per step, global) must

@@ -10,7 +10,7 @@ gives the per-device figures for 8, 64 and 256 devices. Run:
   python -m mipo_jax.main --config=configs/llama3_8b.py:weights=/data/Llama-3.1-8B-Instruct \
       --workdir=/shared/runs/llama3_8b --config.data.source=my_pairs.jsonl
 
-``weights=<folder>`` (``huggingface-cli download meta-llama/Llama-3.1-8B-Instruct
+``weights=<folder>`` (``hf download meta-llama/Llama-3.1-8B-Instruct
 --local-dir <folder>``) is the policy's start, the reference and the tokenizer; without it
 a random model of the same shape trains (a rehearsal; see llama3_1b). ``:tiny``: a smoke run.
 """
