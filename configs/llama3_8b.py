@@ -5,7 +5,8 @@ remat, FSDP over every device, rows of 2048 tokens), with the 8B shape and a sma
 learning rate. The step's state is 16 bytes per parameter (weights, two AdamW moments, the
 live reference) over the FSDP devices: about 120 GiB in all, so it needs a slice whose
 devices together hold that plus activations; experiments/bench/README.md (*Memory plan*)
-gives the per-device figures for 8, 64 and 256 devices. Run:
+gives the per-device figures for 8, 64 and 256 devices (8 H100 or v5p devices hold it; TPU
+v5e needs 64 chips or more, best with ``--config.mesh.tensor=4``). Run:
 
   python -m mipo_jax.main --config=configs/llama3_8b.py:weights=/data/Llama-3.1-8B-Instruct \
       --workdir=/shared/runs/llama3_8b --config.data.source=my_pairs.jsonl

@@ -216,9 +216,9 @@ def lora_estimate(cfg, mesh, rank: int) -> dict:
 
     Frozen base weights in bfloat16 with the full model's shardings; rank-``rank`` adapters
     ``A [in, r]``, ``B [r, out]`` on every `LORA_TARGETS` kernel with float32 weights,
-    gradients and two AdamW moments (16 bytes per adapter parameter), ``A`` sharded like the
-    kernel's input axes and ``B`` like its output axes; no reference copy (the reference is
-    the base with the adapters off).
+    gradients and two AdamW moments (16 bytes per adapter parameter) spread evenly over the
+    fsdp × tensor devices (as the full model's optimiser state is, up to indivisible small
+    tensors); no reference copy (the reference is the base with the adapters off).
     """
     from flax import nnx
 
@@ -227,7 +227,7 @@ def lora_estimate(cfg, mesh, rank: int) -> dict:
 
     _, abstract = nnx.split(nnx.eval_shape(lambda: CausalLM(cfg, rngs=nnx.Rngs(0))))
     shardings = st.param_shardings(abstract, mesh)
-    base = base_local = adapters = adapters_local = 0
+    base = base_local = adapters = 0
     for path, var in nnx.to_flat_state(abstract):
         sharding = shardings
         for key in path:
@@ -238,11 +238,10 @@ def lora_estimate(cfg, mesh, rank: int) -> dict:
         if names[0] == "layers" and names[-1] == "kernel" and names[-2] in LORA_TARGETS:
             k = LORA_TARGETS[names[-2]]
             adapters += _adapter_params(var.shape, k, rank)
-            adapters_local += _adapter_params(local, k, rank)
     return {
         "base_params": base,
         "adapter_params": adapters,
-        "state_bytes": 2 * base_local + 16 * adapters_local,
+        "state_bytes": 2 * base_local + 16 * adapters / (mesh.shape["fsdp"] * mesh.shape["tensor"]),
     }
 
 
@@ -277,13 +276,25 @@ def measure(case: Case, lora_rank: int) -> dict:
         reference_bytes=shard_bytes(args[2]) if args[2] is not None else 0,
         batch_bytes=shard_bytes(args[1]),
         lora=lora_estimate(cfg, mesh, lora_rank),
-        peak=getattr(mem, "peak_memory_in_bytes", None),
         row_length=int(config.data.row_length),
         completion_width=int(config.data.completion_width),
         lower_s=round(t1 - t0, 1),
         compile_s=round(t2 - t1, 1),
+        host_peak_rss=_peak_rss(),
     )
     return out
+
+
+def _peak_rss() -> int | None:
+    """This process's peak resident memory so far, bytes (VmHWM; None off Linux)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
 
 
 # ---- processes: one child per device count ------------------------------------------------
@@ -340,18 +351,45 @@ def _fits(total: float) -> str:
 def table(rows: list[dict]) -> str:
     """Markdown: one line per case, per device (``--unit``)."""
     head = (
-        f"| model | devices | data×fsdp×tensor | reference | remat | arguments | outputs | "
-        f"temporaries | aliased | **total** ({_unit[0]}) | fits | compile s |"
+        f"| model | devices | data×fsdp×tensor | pairs/shard | reference | remat | arguments | "
+        f"outputs | temporaries | aliased | **total** ({_unit[0]}) | fits | compile s |"
     )
-    lines = [head, "|" + "---|" * 12]
+    lines = [head, "|" + "---|" * 13]
     for r in rows:
         mesh = "×".join(map(str, r["mesh"]))
         ctx = "" if r["mesh_context"] else " (no set_mesh)"
         lines.append(
-            f"| {r['model']} | {math.prod(r['mesh'])} | {mesh} | {r['reference']} | "
+            f"| {r['model']} | {math.prod(r['mesh'])} | {mesh} | {r['pairs']} | {r['reference']} | "
             f"{r['remat']}{ctx} | {_gib(r['argument'])} | {_gib(r['output'])} | "
             f"{_gib(r['temp'])} | {_gib(r['alias'])} | **{_gib(r['total'])}** | "
             f"{_fits(r['total'])} | {r['compile_s']:.0f} |"
+        )
+    return "\n".join(lines)
+
+
+def summary(rows: list[dict], rank: int) -> str:
+    """Markdown: per model and mesh, the total per device of each variant, the train state
+    (with the live reference) and the LoRA state estimate."""
+    variants = list(dict.fromkeys((r["reference"], r["remat"]) for r in rows))
+    groups: dict = {}
+    for r in rows:
+        key = (r["model"], tuple(r["mesh"]), r["pairs"], r["mesh_context"])
+        groups.setdefault(key, {})[(r["reference"], r["remat"])] = r
+    cols = " | ".join(f"{ref} ref., remat {remat}" for ref, remat in variants)
+    lines = [
+        f"| model | devices | data×fsdp×tensor | {cols} | state + live ref. | "
+        f"LoRA r={rank} state (est.) |",
+        "|" + "---|" * (len(variants) + 5),
+    ]
+    for (model, mesh, pairs, ctx), cells in groups.items():
+        mark = ("" if pairs == 1 else f", {pairs} pairs") + ("" if ctx else ", no set_mesh")
+        totals = " | ".join(_gib(cells[v]["total"]) if v in cells else "–" for v in variants)
+        any_row = next(iter(cells.values()))
+        live = cells.get(("live", "none")) or cells.get(("live", "full"))
+        state = _gib(live["state_bytes"] + live["reference_bytes"]) if live else "–"
+        lines.append(
+            f"| {model}{mark} | {math.prod(mesh)} | {'×'.join(map(str, mesh))} | {totals} | "
+            f"{state} | {_gib(any_row['lora']['state_bytes'])} |"
         )
     return "\n".join(lines)
 
@@ -426,6 +464,8 @@ def main(argv=None) -> None:
         rows = [row for path in args.load for row in json.load(open(path))]
     else:
         rows = run_children(cases_for(args), args.lora_rank, args.timeout)
+    print(summary(rows, args.lora_rank))
+    print()
     print(table(rows))
     print()
     print(lora_table(rows, args.lora_rank))

@@ -37,7 +37,7 @@ def test_script_at_its_smallest_size(tmp_path):
     assert live["reference_bytes"] > 0 and cached["reference_bytes"] == 0
     assert cached["batch_bytes"] > live["batch_bytes"]  # the reference log-probs ride along
     table = [line for line in proc.stdout.splitlines() if line.startswith(f"| {TINY} |")]
-    assert len(table) == 2 + 1  # two cases, one LoRA row
+    assert len(table) == 1 + 2 + 1  # summary row, two cases, one LoRA row
     assert "**total** (MiB)" in proc.stdout
 
 
