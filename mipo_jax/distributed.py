@@ -13,7 +13,12 @@ first thing in `main`, before any JAX computation:
 `MIPO_NUM_PROCESSES`, `MIPO_PROCESS_ID`, else the JAX names `JAX_COORDINATOR_ADDRESS`,
 `JAX_NUM_PROCESSES`, `JAX_PROCESS_ID`. With none of them set (or one process) it does nothing,
 unless `auto=True` / `MIPO_DISTRIBUTED=auto`, which lets JAX detect a managed cluster (Cloud
-TPU, SLURM, Open MPI, Kubernetes). Two local CPU processes with 2 devices each:
+TPU, SLURM, Open MPI, Kubernetes): launch/run_tpu.sh and launch/run_slurm.sh set it. Under
+SLURM, JAX reads SLURM_JOB_ID, SLURM_STEP_NODELIST, SLURM_NTASKS, SLURM_PROCID and
+SLURM_LOCALID: the coordinator is the step's first node at port 61440 + job id mod 4096
+(JAX_COORDINATOR_PORT overrides the port), and each process drives GPU number SLURM_LOCALID
+of its node unless JAX_LOCAL_DEVICE_IDS says otherwise. Two local CPU processes with 2
+devices each:
 
     XLA_FLAGS=--xla_force_host_platform_device_count=2 MIPO_COORDINATOR=127.0.0.1:23456 \
       MIPO_NUM_PROCESSES=2 MIPO_PROCESS_ID=0 python -m mipo_jax.main ... &
@@ -113,11 +118,18 @@ def initialize(
     log_info(
         "jax.distributed: %d processes, coordinator %s, %d global / %d local devices",
         jax.process_count(),
-        coordinator,
+        coordinator or f"{_detected_coordinator()} (detected)",
         jax.device_count(),
         jax.local_device_count(),
     )
     return True
+
+
+def _detected_coordinator() -> str | None:
+    """The address JAX's cluster detection chose (for the log only; a private attribute)."""
+    from jax._src import distributed as jax_distributed
+
+    return getattr(jax_distributed.global_state, "coordinator_address", None)
 
 
 def is_main_process() -> bool:
