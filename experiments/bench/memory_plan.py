@@ -79,7 +79,7 @@ def load_config(case: Case):
 def model_config(config):
     """`ModelConfig` of a random model of the config's shape (vocabulary: the config's, or
     its tokenizer's size when ``model.vocab_size`` is 0)."""
-    from mipo_jax.train.models import random_config
+    from mipo_jax.train.modules import random_config
 
     vocab = int(config.model.vocab_size)
     if not vocab:
@@ -140,9 +140,9 @@ def host_batch(config, with_ref_logps: bool) -> dict:
 def lower_step(config, mesh, batch: dict, *, mesh_context: bool = True):
     """The trainer's jitted DPO train step, lowered for abstract inputs on ``mesh``.
 
-    The one place that assembles the step (as `mipo_jax.train.loop.build` and
-    `compile_steps` do: the policy's parameters and their shardings from the models'
-    logical names, the optimiser state following them, a live reference as a frozen copy
+    The one place that assembles the step (as `mipo_jax.train.setup.build` does: the
+    policy's parameters and their shardings from the models' logical names, the optimiser
+    state following them, a live reference as a frozen copy
     with the policy's shardings, the batch sharded over ('data', 'fsdp'), the state
     donated). Nothing is materialised. Returns ``(lowered, abstract_args)``.
     """
@@ -151,10 +151,11 @@ def lower_step(config, mesh, batch: dict, *, mesh_context: bool = True):
     from flax import nnx
     from jax.sharding import NamedSharding, PartitionSpec
 
+    from mipo_jax.losses import required_inputs
     from mipo_jax.models import CausalLM
     from mipo_jax.train import optim
     from mipo_jax.train import state as st
-    from mipo_jax.train.step import StepSpec, required_fields, train_step
+    from mipo_jax.train.step import StepSpec, train_step
 
     cfg = model_config(config)
     graph, abstract = nnx.split(nnx.eval_shape(lambda: CausalLM(cfg, rngs=nnx.Rngs(0))))
@@ -168,7 +169,7 @@ def lower_step(config, mesh, batch: dict, *, mesh_context: bool = True):
         loss=mlc.FrozenConfigDict(config.loss),
         tx=tx,
         lr=lr,
-        fields=required_fields(config.loss),
+        fields=required_inputs(config.loss),
         grad_accum=1,  # one micro-batch: what the memory holds at once
         chunk_size=int(config.train.logps_chunk),
         bos_id=int(cfg.bos_token_id or 0),

@@ -42,10 +42,10 @@ def test_script_at_its_smallest_size(tmp_path):
 
 
 def test_step_is_the_trainers(tmp_path, monkeypatch):
-    """The plan's abstract state and batch equal what `mipo_jax.train.loop.build` builds for
+    """The plan's abstract state and batch equal what `mipo_jax.train.setup.build` builds for
     the same config and mesh: shapes, dtypes and shardings (update `plan.lower_step` when
     this fails after a change to the trainer)."""
-    from mipo_jax.train.loop import build
+    from mipo_jax.train.setup import build
     from mipo_jax.train.state import abstract
 
     monkeypatch.setenv("MIPO_JAX_CACHE", str(tmp_path / "cache"))
@@ -54,11 +54,11 @@ def test_step_is_the_trainers(tmp_path, monkeypatch):
     with config.unlocked():
         config.model.vocab_size = 0
         config.train.eval_batches = 0
-    run = build(config, str(tmp_path / "run"))
+    run, run_state = build(config, str(tmp_path / "run"))
     mesh = run.mesh
     batch = plan.host_batch(plan.load_config(case), with_ref_logps=False)
     _, (state, plan_batch, ref) = plan.lower_step(plan.load_config(case), mesh, batch)
-    trainer = abstract(run.state, run.state_shardings)
+    trainer = abstract(run_state, run.state_shardings)
 
     def same(a, b):
         assert (a.shape, a.dtype) == (b.shape, b.dtype)
@@ -66,8 +66,8 @@ def test_step_is_the_trainers(tmp_path, monkeypatch):
 
     assert jax.tree.structure(state) == jax.tree.structure(trainer)
     jax.tree.map(same, state, trainer)
-    jax.tree.map(same, ref, abstract(run.policy.params, run.policy.shardings))
-    real = {k: v for k, v in next(run.train_data).items() if k not in ("example_id", "ref_logps")}
+    jax.tree.map(same, ref, abstract(run.reference, run.policy.shardings))
+    real = {k: v for k, v in next(run.source).items() if k not in ("example_id", "ref_logps")}
     assert {k: (v.shape, v.dtype) for k, v in plan_batch.items()} == {
         k: (np.shape(v), np.asarray(v).dtype) for k, v in real.items()
     }
