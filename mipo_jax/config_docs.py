@@ -77,6 +77,10 @@ DOCS = {
     "model.remat": "none | full | dots_saveable | dots_with_no_batch_dims_saveable",
     "model.scan_layers": "scan over layers (one compiled layer) instead of unrolling",
     "model.attention_block": "queries per attention block (0 = one block)",
+    "model.lora.rank": "LoRA adapters' rank (0 = off: every weight trains)",
+    "model.lora.alpha": "LoRA scale α (the update is (α/r)·A·B)",
+    "model.lora.targets": "projections that get adapters: any of q,k,v,o,gate,up,down",
+    "model.lora.dropout": "dropout on the adapters' input",
     # -- data ------------------------------------------------------------------------------
     "data.source": "file or glob (.jsonl .json .parquet .csv), hub id, or embedded:NAME",
     "data.split": "split of the source used for training",

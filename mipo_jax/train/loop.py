@@ -60,6 +60,12 @@ def train(config, workdir: str, **build_args) -> dict:
     """
     t0 = time.time()
     run, state = build(config, workdir, **build_args)
+    with jax.set_mesh(run.mesh):  # jitted functions trace here: sharding constraints apply
+        return _train(run, state, t0)
+
+
+def _train(run: Run, state, t0: float) -> dict:
+    config, workdir = run.config, run.workdir
     cfg = config
     ckpt = Checkpointer(
         os.path.join(workdir, "checkpoints"),

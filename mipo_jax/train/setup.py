@@ -195,7 +195,9 @@ def build(
         reference = policy.params
     ref_source = policy.source if needs.needs_reference(config) else "none"
     if config.reference.mode == "cached" and needs.needs_reference(config):
-        _attach_caches(config, policy, [d for d in (train_data, eval_data) if d], batch_sharding)
+        with jax.set_mesh(mesh):  # traced here: the activation constraints need the mesh
+            _attach_caches(config, policy, [d for d in (train_data, eval_data) if d],
+                           batch_sharding)  # fmt: skip
         ref_source = f"{policy.source} (cached log-probs)"
 
     extras = modules.build_extras(config, policy.config, mesh, config.seed)
@@ -267,11 +269,13 @@ def build(
     if lora is not None:
         ev_spec, ev_sh, ev_ref, ev_ref_sh = adapters.evaluator_parts(lora, spec, shardings, live)
         initial = ev_ref
-    evaluator = Evaluator(
-        ev_spec, ev_sh, batch_sharding, data=eval_data, num_batches=config.train.eval_batches,
-        transforms=eval_transforms, reference=ev_ref, ref_shardings=ev_ref_sh,
-        task=make_task(config, tokenizer), scorer=scorer, initial_policy=initial,
-    )  # fmt: skip
+    with jax.set_mesh(mesh):  # the exact task eval scores the reference now (a first trace)
+        evaluator = Evaluator(
+            ev_spec, ev_sh, batch_sharding, data=eval_data,
+            num_batches=config.train.eval_batches, transforms=eval_transforms, reference=ev_ref,
+            ref_shardings=ev_ref_sh, task=make_task(config, tokenizer), scorer=scorer,
+            initial_policy=initial,
+        )  # fmt: skip
     if lora is not None:
         evaluator = adapters.ViewedEvaluator(evaluator, lora)
     run = Run(
