@@ -52,7 +52,9 @@ def test_readme_recipe_from_outside_the_repository(tmp_path):
     tok = transformers.AutoTokenizer.from_pretrained(workdir / "export")
     model = transformers.AutoModelForCausalLM.from_pretrained(workdir / "export")
     messages = [{"role": "user", "content": "What is the capital of France?"}]
-    ids = tok.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt")
+    ids = tok.apply_chat_template(
+        messages, add_generation_prompt=True, return_tensors="pt", return_dict=True
+    )["input_ids"]
     with torch.no_grad():
         answer = model.generate(ids, max_new_tokens=12, do_sample=False)[0, ids.shape[1] :]
     assert "Paris" in tok.decode(answer, skip_special_tokens=True)
