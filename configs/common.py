@@ -96,6 +96,7 @@ def add_run_sections(config: mlc.ConfigDict) -> None:
             remat="none",  # none | full | dots_saveable | dots_with_no_batch_dims_saveable
             scan_layers=True,
             attention_block=128,  # queries per attention block (0 = one block); see README
+            attention_impl="blocked",  # blocked | flash (memory ~T) | cudnn | splash | auto
         )
     )
     config.data = data_config(max_length=512)  # see mipo_jax.data.pipeline.data_config
