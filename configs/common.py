@@ -97,6 +97,7 @@ def add_run_sections(config: mlc.ConfigDict) -> None:
             scan_layers=True,
             attention_block=128,  # queries per attention block (0 = one block); see README
             attention_impl="blocked",  # blocked | flash (memory ~T) | cudnn | splash | auto
+            mlp_impl="autodiff",  # autodiff | custom_vjp (gated MLP, less saved; no biases)
         )
     )
     config.data = data_config(max_length=512)  # see mipo_jax.data.pipeline.data_config

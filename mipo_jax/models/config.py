@@ -25,6 +25,7 @@ ACTIVATIONS = ("silu", "gelu_new", "gelu_pytorch_tanh", "gelu", "relu")
 REMAT_POLICIES = ("none", "full", "dots_saveable", "dots_with_no_batch_dims_saveable")
 DTYPES = ("float32", "bfloat16", "float16")
 ATTENTION_IMPLS = ("blocked", "flash", "cudnn", "splash", "auto")
+MLP_IMPLS = ("autodiff", "custom_vjp")
 
 # Keys with no effect on the forward pass (PretrainedConfig bookkeeping, token ids,
 # generation defaults, initialisation, dropout).
@@ -91,6 +92,9 @@ class ModelConfig:
         (dense mask, memory ~T²), 'flash' (pure JAX, custom VJP, memory linear in T),
         'cudnn' / 'splash' (GPU / TPU kernels, falling back to 'flash' where the mask is
         not theirs), 'auto' (by backend).
+      mlp_impl: one of `MLP_IMPLS`: 'custom_vjp' runs the gated MLP through
+        `layers.gated_mlp` (saves the input and both pre-activations, recomputes the rest;
+        no biases), 'autodiff' differentiates the plain code.
     """
 
     family: str
@@ -124,6 +128,7 @@ class ModelConfig:
     scan_layers: bool = True
     attention_block: int = 128
     attention_impl: str = "blocked"
+    mlp_impl: str = "autodiff"
 
     def __post_init__(self):
         _check_choice("family", self.family, FAMILIES)
@@ -132,6 +137,7 @@ class ModelConfig:
         _check_choice("param_dtype", self.param_dtype, DTYPES)
         _check_choice("compute_dtype", self.compute_dtype, DTYPES)
         _check_choice("attention_impl", self.attention_impl, ATTENTION_IMPLS)
+        _check_choice("mlp_impl", self.mlp_impl, MLP_IMPLS)
         if self.attention_block < 0:
             raise ValueError(f"attention_block={self.attention_block} must be >= 0 (0 = one block)")
         if self.num_heads % self.num_kv_heads:

@@ -34,6 +34,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from mipo_jax.models.layers import load, store
 from mipo_jax.models.masks import SegmentMask
 
 
@@ -220,11 +221,12 @@ def _flash(static, q, k, v, seg, pos, att):
 
 def _flash_fwd(static, q, k, v, seg, pos, att):
     out, lse = _forward(static, q, k, v, seg, pos, att)
-    return out, (q, k, v, seg, pos, att, out, lse)
+    return out, (*store(q, k, v, out), seg, pos, att, lse)
 
 
 def _flash_bwd(static, res, dout):
-    q, k, v, seg, pos, att, out, lse = res
+    *words, seg, pos, att, lse = res
+    q, k, v, out = load(dout.dtype, *words)
     acc_t = _acc_dtype(q)
     dout = dout.astype(q.dtype)
     delta = jnp.sum(dout.astype(acc_t) * out.astype(acc_t), axis=-1)  # [B, n, x, N, G]

@@ -29,7 +29,15 @@ from flax import nnx, struct
 
 from mipo_jax.models import attention, masks
 from mipo_jax.models.config import ModelConfig
-from mipo_jax.models.layers import Dense, Embed, Norm, activation, apply_rope, rope_inv_freq
+from mipo_jax.models.layers import (
+    Dense,
+    Embed,
+    Norm,
+    activation,
+    apply_rope,
+    gated_mlp,
+    rope_inv_freq,
+)
 from mipo_jax.models.remat import remat
 from mipo_jax.sharding import shard
 
@@ -144,8 +152,15 @@ class Mlp(nnx.Module):
         self.gate = dense((d,), (f,), ("embed", "mlp")) if cfg.mlp == "gated" else None
         self.up = dense((d,), (f,), ("embed", "mlp"))
         self.down = dense((f,), (d,), ("mlp", "embed"))
+        self.custom_vjp = cfg.mlp_impl == "custom_vjp" and self.gate is not None
+        if self.custom_vjp and cfg.mlp_bias:
+            raise ValueError("mlp_impl='custom_vjp' has no biases: use mlp_impl='autodiff'")
 
     def __call__(self, x):
+        if self.custom_vjp:
+            dtype = self.up.dtype
+            w = [m.kernel[...].astype(dtype) for m in (self.gate, self.up, self.down)]
+            return gated_mlp(x.astype(dtype), *w, self.act, names=("batch", "seq", "mlp"))
         h = self.up(x)
         h = self.act(self.gate(x)) * h if self.gate is not None else self.act(h)
         return self.down(shard(h, ("batch", "seq", "mlp")))
