@@ -100,7 +100,8 @@ _PT = "bingxy,bixngk->biynk"
 
 
 def _schedule(n: int, diagonals: int):
-    """The block pairs ``(i, i - d)``, ``0 <= d < diagonals``, as steps of index arrays.
+    """The block pairs ``(i, i - d)``, ``0 <= d < diagonals``, as steps of (query blocks, key
+    blocks): static slices, or index arrays inside the scan.
 
     Returns (first, folded, middle): ``first`` is diagonal 0 (causal inside each block);
     ``folded(d)`` pairs diagonal ``d`` (``n - d`` pairs) with diagonal ``diagonals - d``
@@ -108,12 +109,11 @@ def _schedule(n: int, diagonals: int):
     `lax.scan` step runs it for every ``d`` in ``1 .. (diagonals - 1) // 2``; ``middle`` is
     diagonal ``diagonals / 2`` when that is a whole number, else None.
     """
-    iota = np.arange(n, dtype=np.int32)
-    first = (iota, iota)
+    first = (slice(None), slice(None))
     middle = None
     if diagonals % 2 == 0:
         h = diagonals // 2
-        middle = (iota[h:], iota[: n - h])
+        middle = (slice(h, None), slice(0, n - h))
 
     def folded(d):
         p = jnp.arange(2 * n - diagonals, dtype=jnp.int32)

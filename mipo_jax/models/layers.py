@@ -187,7 +187,7 @@ def _gated_mlp_bwd(act, names, res, dy):
     a, act_vjp = jax.vjp(act, g)
     h = a * u
     tokens = "".join(chr(ord("a") + i) for i in range(x.ndim - 1))  # the leading axes
-    dw_down = jnp.einsum(f"{tokens}f,{tokens}d->fd", h, dy)
+    dw_down = jnp.einsum(f"{tokens}d,{tokens}f->df", dy, h).T  # transposes dy, not h (F > D)
     dh = _constrain(jnp.einsum("...d,fd->...f", dy, w_down), names)
     du = dh * a
     (dg,) = act_vjp(dh * u)
