@@ -103,6 +103,8 @@ def add_run_sections(config: mlc.ConfigDict) -> None:
             lora=mlc.ConfigDict(
                 dict(rank=0, alpha=16.0, targets="q,k,v,o,gate,up,down", dropout=0.0)
             ),
+            attention_impl="blocked",  # blocked | flash (memory ~T) | cudnn | splash | auto
+            mlp_impl="autodiff",  # autodiff | custom_vjp (gated MLP, less saved; no biases)
         )
     )
     config.data = data_config(max_length=512)  # see mipo_jax.data.pipeline.data_config

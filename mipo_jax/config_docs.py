@@ -77,6 +77,9 @@ DOCS = {
     "model.remat": "none | full | dots_saveable | dots_with_no_batch_dims_saveable",
     "model.scan_layers": "scan over layers (one compiled layer) instead of unrolling",
     "model.attention_block": "queries per attention block (0 = one block)",
+    "model.attention_impl": "blocked | flash (memory linear in T, pure JAX) | cudnn (GPU) | "
+    "splash (TPU) | auto (by backend, flash as the fallback)",
+    "model.mlp_impl": "autodiff | custom_vjp (gated MLP backward that saves less)",
     "model.lora.rank": "LoRA adapters' rank (0 = off: every weight trains)",
     "model.lora.alpha": "LoRA scale α (the update is (α/r)·A·B)",
     "model.lora.targets": "projections that get adapters: any of q,k,v,o,gate,up,down",

@@ -35,13 +35,14 @@ the rate per CPU-second is the fairer one. Peak RSS comes from one fresh subproc
 
 import argparse
 import json
-import resource
 import statistics
 import subprocess
 import sys
 import time
 
 import numpy as np
+
+from experiments.bench import harness
 
 MODES = (
     "padded-live",
@@ -51,7 +52,6 @@ MODES = (
     "shared-live",
     "shared-cached",
 )
-GIB = 2.0**30
 
 
 def _parse(argv=None):
@@ -71,6 +71,8 @@ def _parse(argv=None):
     p.add_argument("--completion", type=int, nargs=2, default=[40, 140], help="completion range")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     p.add_argument("--block", type=int, default=128, help="attention_block (0 = one block)")
+    p.add_argument("--attention", default="blocked", help="attention_impl (blocked, flash, ...)")
+    p.add_argument("--unroll", action="store_true", help="a Python loop over layers, no scan")
     p.add_argument("--no-span", action="store_true", help="packed: no attention span")
     p.add_argument("--modes", nargs="*", default=list(MODES), choices=MODES)
     p.add_argument("--json", help="also write the rows to this JSON file")
@@ -83,74 +85,15 @@ def _parse(argv=None):
     return p.parse_args(argv)
 
 
-def matmul_peak(n: int = 2048, repeats: int = 7) -> tuple[float, float]:
-    """(wall, cpu) f32 GFLOP/s of a jitted n×n matmul: the machine's practical peak."""
-    import jax
-    import jax.numpy as jnp
-
-    a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
-    f = jax.jit(lambda x, y: x @ y)
-    f(a, a).block_until_ready()
-    walls, cpus = [], []
-    for _ in range(repeats):
-        t, c = time.perf_counter(), time.process_time()
-        f(a, a).block_until_ready()
-        walls.append(time.perf_counter() - t)
-        cpus.append(time.process_time() - c)
-    flops = 2.0 * n**3
-    return flops / statistics.median(walls) / 1e9, flops / statistics.median(cpus) / 1e9
-
-
-def synthetic_pairs(args):
-    """A tokenised shard of random pairs (prompt + two completions, EOS-free ids)."""
-    from mipo_jax.data.encoding import Tokenized
-    from mipo_jax.data.ragged import Ragged
-    from mipo_jax.data.report import Report
-
-    rng = np.random.default_rng(0)
-    n = args.pairs
-    plen = rng.integers(args.prompt[0], args.prompt[1] + 1, n)
-    clen = rng.integers(args.completion[0], args.completion[1] + 1, (n, 2))
-    room = args.seq - 1 - plen  # shared-prompt rows hold prompt + both completions + 1
-    clen = np.minimum(clen, np.maximum(room // 2, 1)[:, None])
-    tok = lambda k: rng.integers(3, args.vocab, k).tolist()
-    return Tokenized(
-        prompt=Ragged.from_lists([tok(k) for k in plen]),
-        completions=tuple(Ragged.from_lists([tok(k) for k in clen[:, s]]) for s in range(2)),
-        example_id=np.arange(n, dtype=np.int64),
-        ref_logps=None,
-        label=None,
-        pad_id=0,
-        report=Report("synthetic", "error"),
-    )
-
-
 def batches(args, layout: str):
-    """Every batch of one epoch over the pairs, in ``layout`` (fixed shapes)."""
-    from mipo_jax.data import packing
-    from mipo_jax.data.iterator import PreferenceIterator
-    from mipo_jax.data.packing import Layout
-
-    data = synthetic_pairs(args)
-    width = -(-args.completion[1] // 8) * 8
-    if layout == "padded":
-        lay = Layout(
-            kind="padded", batch_size=args.per_step, row_length=args.seq, completion_width=width
-        )
-    else:
-        kind = "pairs" if layout == "pairs" else "shared_prompt"
-        lay = Layout(kind=kind, rows=args.rows, row_length=args.packed_row, completion_width=width)
-    it = PreferenceIterator(data, lay, seed=0, num_epochs=1, drop_remainder=False,
-                            process_index=0, process_count=1)  # fmt: skip
-    out = []
-    for b in it:
-        b.pop("example_id", None)
-        b.pop("ref_logps", None)
-        out.append(b)
-    span = None
-    if layout != "padded" and not args.no_span:  # the longest unit a row packs
-        span = int(packing.unit_lengths(data, lay.kind).max())
-    return out, span
+    """Every batch of one epoch over the pairs, in ``layout`` (fixed shapes), and the span."""
+    data = harness.synthetic_pairs(args.pairs, args.prompt, args.completion, args.vocab, args.seq)
+    row = args.seq if layout == "padded" else args.packed_row
+    layout = {"pairs": "pairs", "shared": "shared_prompt"}.get(layout, layout)
+    return harness.batches(
+        data, layout, row_length=row, completion_width=args.completion[1],
+        per_step=args.per_step, rows=args.rows, span=not args.no_span,
+    )  # fmt: skip
 
 
 def work_flops(args, batch: dict, live: bool) -> float:
@@ -164,55 +107,18 @@ def work_flops(args, batch: dict, live: bool) -> float:
     return attn + head
 
 
-def non_embedding_params(params) -> int:
-    import jax
-
-    total = 0
-    for path, x in jax.tree_util.tree_flatten_with_path(params)[0]:
-        name = jax.tree_util.keystr(path)
-        if "embed" not in name and "lm_head" not in name:
-            total += int(np.prod(x.shape))
-    return total
-
-
 def build_mode(args, mode: str, params, graph, n_params: int) -> dict:
     """Compiled step, its batches and static counts for one mode."""
-    import functools
-
     import jax
-    import ml_collections as mlc
-
-    from mipo_jax.losses import loss_config
-    from mipo_jax.train import optim
-    from mipo_jax.train import state as st
-    from mipo_jax.train import step as sp
 
     layout, ref = mode.split("-")
     todo, span = batches(args, layout)
-    loss = mlc.FrozenConfigDict(loss_config("reference"))
-    opt = mlc.ConfigDict(
-        dict(name="adamw", learning_rate=1e-5, warmup_steps=0, schedule="constant")
-    )
-    tx, lr = optim.make_optimizer(opt, 100)
     live = ref == "live"
-    spec = sp.StepSpec(
-        graphs=(("policy", graph),), ref_graph=graph if live else None, loss=loss, tx=tx, lr=lr,
-        fields=frozenset({"reference"}), chunk_size=256, attention_span=span,
-    )  # fmt: skip
     if not live:
-        for b in todo:  # cached log-probs (their values do not change the timing)
-            b["ref_logps"] = np.zeros(b["targets"].shape, np.float32)
-    state = st.init_state({"policy": jax.tree.map(lambda x: x.copy(), params)}, tx, 0)
-    ref_params = params if live else None
-    step = jax.jit(functools.partial(sp.train_step, spec=spec), donate_argnums=0)
+        todo = [harness.with_cached_reference(b) for b in todo]
+    step, state, ref_params = harness.make_step(graph, params, live=live, span=span)
     compiled = step.lower(state, todo[0], ref_params).compile()
-    mem = compiled.memory_analysis()
-    xla = None
-    if mem is not None:
-        xla = (
-            mem.argument_size_in_bytes + mem.output_size_in_bytes + mem.temp_size_in_bytes
-            - mem.alias_size_in_bytes
-        ) / GIB  # fmt: skip
+    xla = harness.compiled_gib(compiled)
     for _ in range(2):  # warm-up; the second call compiles again for the donated outputs
         state, m = step(state, todo[0], ref_params)
         jax.block_until_ready(m)
@@ -227,23 +133,12 @@ def build_mode(args, mode: str, params, graph, n_params: int) -> dict:
 
 
 def model(args):
-    import jax
-    from flax import nnx
-
-    from mipo_jax.models import CausalLM, ModelConfig
-    from mipo_jax.sharding import make_mesh
-    from mipo_jax.train import state as st
-
-    cfg = ModelConfig(
-        family="llama", vocab_size=args.vocab, hidden_size=args.width,
-        intermediate_size=args.ffw, num_layers=args.layers, num_heads=args.heads,
-        num_kv_heads=args.heads, head_dim=args.width // args.heads,
-        max_position_embeddings=max(args.seq, args.packed_row), tie_embeddings=False,
-        compute_dtype=args.dtype, attention_block=args.block,
+    shape = harness.Shape(args.width, args.layers, args.ffw, args.heads, vocab=args.vocab)
+    cfg = shape.config(
+        max(args.seq, args.packed_row), compute_dtype=args.dtype, attention_block=args.block,
+        attention_impl=args.attention, scan_layers=not args.unroll,
     )  # fmt: skip
-    mesh = make_mesh((1, 1, 1), devices=jax.devices()[:1])
-    graph, params, _ = st.create_params(lambda: CausalLM(cfg, rngs=nnx.Rngs(0)), mesh)
-    return graph, params, non_embedding_params(params)
+    return harness.build_model(cfg)
 
 
 def run_interleaved(args) -> list[dict]:
@@ -252,7 +147,7 @@ def run_interleaved(args) -> list[dict]:
 
     graph, params, n = model(args)
     modes = [build_mode(args, mode, params, graph, n) for mode in args.modes]
-    peaks = [matmul_peak()]
+    peaks = [harness.matmul_peak()]
     for i in range(max(m["steps"] for m in modes)):
         for m in modes:
             if i >= m["steps"]:
@@ -262,7 +157,7 @@ def run_interleaved(args) -> list[dict]:
             jax.block_until_ready(out)
             m["wall"] += time.perf_counter() - t
             m["cpu"] += time.process_time() - c
-        peaks.append(matmul_peak())
+        peaks.append(harness.matmul_peak())
     peak_wall = statistics.median(p[0] for p in peaks)
     peak_cpu = statistics.median(p[1] for p in peaks)
     rows = []
@@ -288,12 +183,7 @@ def peak_rss(args, mode: str) -> float:
     """Peak RSS (GiB) of a fresh process that compiles and runs one step of ``mode``."""
     graph, params, n = model(args)
     build_mode(args, mode, params, graph, n)
-    # VmHWM, not ru_maxrss: Linux carries ru_maxrss over exec (the forking parent's size).
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024 / GIB
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / GIB
+    return harness.peak_rss_gib()
 
 
 def table(rows: list[dict]) -> str:
@@ -360,7 +250,7 @@ def trunk_only(args) -> None:
         t0 = time.perf_counter()
         jax.block_until_ready(grad(params))
         walls.append(time.perf_counter() - t0)
-        peaks.append(matmul_peak()[0])
+        peaks.append(harness.matmul_peak()[0])
     rate = 6 * n * rows * t / min(walls) / 1e9
     peak = statistics.median(peaks)
     print(

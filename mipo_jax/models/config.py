@@ -24,6 +24,8 @@ ARCHITECTURES = {
 ACTIVATIONS = ("silu", "gelu_new", "gelu_pytorch_tanh", "gelu", "relu")
 REMAT_POLICIES = ("none", "full", "dots_saveable", "dots_with_no_batch_dims_saveable")
 DTYPES = ("float32", "bfloat16", "float16")
+ATTENTION_IMPLS = ("blocked", "flash", "cudnn", "splash", "auto")
+MLP_IMPLS = ("autodiff", "custom_vjp")
 
 # Keys with no effect on the forward pass (PretrainedConfig bookkeeping, token ids,
 # generation defaults, initialisation, dropout).
@@ -85,6 +87,14 @@ class ModelConfig:
       attention_block: queries per attention block in full-sequence (training, scoring)
         passes; each block reads only the keys up to its last query (and within the
         caller's ``span``). 0 = one block. Decoding with a KV cache is never blocked.
+        The flash implementation uses it for query and key blocks alike.
+      attention_impl: one of `ATTENTION_IMPLS` (see `mipo_jax.models.attention`): 'blocked'
+        (dense mask, memory ~T²), 'flash' (pure JAX, custom VJP, memory linear in T),
+        'cudnn' / 'splash' (GPU / TPU kernels, falling back to 'flash' where the mask is
+        not theirs), 'auto' (by backend).
+      mlp_impl: one of `MLP_IMPLS`: 'custom_vjp' runs the gated MLP through
+        `layers.gated_mlp` (saves the input and both pre-activations, recomputes the rest;
+        no biases), 'autodiff' differentiates the plain code.
     """
 
     family: str
@@ -117,6 +127,8 @@ class ModelConfig:
     remat: str = "none"
     scan_layers: bool = True
     attention_block: int = 128
+    attention_impl: str = "blocked"
+    mlp_impl: str = "autodiff"
 
     def __post_init__(self):
         _check_choice("family", self.family, FAMILIES)
@@ -124,6 +136,8 @@ class ModelConfig:
         _check_choice("remat", self.remat, REMAT_POLICIES)
         _check_choice("param_dtype", self.param_dtype, DTYPES)
         _check_choice("compute_dtype", self.compute_dtype, DTYPES)
+        _check_choice("attention_impl", self.attention_impl, ATTENTION_IMPLS)
+        _check_choice("mlp_impl", self.mlp_impl, MLP_IMPLS)
         if self.attention_block < 0:
             raise ValueError(f"attention_block={self.attention_block} must be >= 0 (0 = one block)")
         if self.num_heads % self.num_kv_heads:

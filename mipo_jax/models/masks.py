@@ -30,6 +30,7 @@ Padding queries see nothing; their softmax is uniform over masked scores (finite
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import struct
 
 
 def attention_mask(
@@ -78,6 +79,37 @@ def self_attention_mask(
         q_positions=positions,
         kv_positions=positions,
         sliding_window=sliding_window,
+    )
+
+
+@struct.dataclass
+class SegmentMask:
+    """`self_attention_mask` of a full sequence, not materialised: the ids it is made from.
+
+    Attention implementations that never hold a ``[T, T]`` array (`models.flash`, cuDNN,
+    splash) compute the blocks they need from these. ``positions`` is only read with a
+    sliding window (None otherwise).
+    """
+
+    segment_ids: jax.Array  # [B, T]
+    positions: jax.Array | None  # [B, T]
+    attend_to: jax.Array | None  # [B, T]
+    sliding_window: int | None = struct.field(pytree_node=False, default=None)
+
+    def dense(self) -> jax.Array:
+        """The boolean ``[B, T, T]`` mask (tests, small inputs)."""
+        return self_attention_mask(
+            self.segment_ids,
+            self.positions,
+            attend_to=self.attend_to,
+            sliding_window=self.sliding_window,
+        )
+
+
+def segment_mask(segment_ids, positions, *, attend_to=None, sliding_window=None) -> SegmentMask:
+    """The `SegmentMask` whose `dense` form is `self_attention_mask` of the same arguments."""
+    return SegmentMask(
+        segment_ids, positions if sliding_window is not None else None, attend_to, sliding_window
     )
 
 

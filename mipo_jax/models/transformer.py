@@ -27,9 +27,17 @@ import jax
 import jax.numpy as jnp
 from flax import nnx, struct
 
-from mipo_jax.models import masks
+from mipo_jax.models import attention, masks
 from mipo_jax.models.config import ModelConfig
-from mipo_jax.models.layers import Dense, Embed, Norm, activation, apply_rope, rope_inv_freq
+from mipo_jax.models.layers import (
+    Dense,
+    Embed,
+    Norm,
+    activation,
+    apply_rope,
+    gated_mlp,
+    rope_inv_freq,
+)
 from mipo_jax.models.remat import remat
 from mipo_jax.sharding import shard
 
@@ -106,6 +114,7 @@ class Attention(nnx.Module):
         self.rope = (k, cfg.rope_theta, cfg.rope_scaling) if cfg.position == "rope" else None
         self.scale = k**-0.5
         self.block = cfg.attention_block
+        self.impl = cfg.attention_impl
 
     def __call__(self, x, positions, mask, kv=None, span=None):
         q = shard(self.q(x), ("batch", "seq", "heads", "head_dim"))
@@ -121,8 +130,14 @@ class Attention(nnx.Module):
             k = jax.lax.dynamic_update_slice(k_cache, k.astype(k_cache.dtype), (0, index, 0, 0))
             v = jax.lax.dynamic_update_slice(v_cache, v.astype(v_cache.dtype), (0, index, 0, 0))
             kv = (k, v)
-        block = self.block if kv is None else 0  # blocks need query t == key t
-        out = dot_product_attention(q, k, v, mask, self.scale, block=block, span=span)
+        if isinstance(mask, masks.SegmentMask):  # full sequence, mask-free implementation
+            impl = attention.resolve(self.impl)
+            out = attention.self_attention(
+                q, k, v, mask, impl=impl, scale=self.scale, block=self.block, span=span
+            )
+        else:
+            block = self.block if kv is None else 0  # blocks need query t == key t
+            out = dot_product_attention(q, k, v, mask, self.scale, block=block, span=span)
         out = shard(out, ("batch", "seq", "heads", "head_dim"))
         return self.o(out), kv
 
@@ -137,8 +152,15 @@ class Mlp(nnx.Module):
         self.gate = dense((d,), (f,), ("embed", "mlp")) if cfg.mlp == "gated" else None
         self.up = dense((d,), (f,), ("embed", "mlp"))
         self.down = dense((f,), (d,), ("mlp", "embed"))
+        self.custom_vjp = cfg.mlp_impl == "custom_vjp" and self.gate is not None
+        if self.custom_vjp and cfg.mlp_bias:
+            raise ValueError("mlp_impl='custom_vjp' has no biases: use mlp_impl='autodiff'")
 
     def __call__(self, x):
+        if self.custom_vjp:
+            dtype = self.up.dtype
+            w = [m.kernel[...].astype(dtype) for m in (self.gate, self.up, self.down)]
+            return gated_mlp(x.astype(dtype), *w, self.act, names=("batch", "seq", "mlp"))
         h = self.up(x)
         h = self.act(self.gate(x)) * h if self.gate is not None else self.act(h)
         return self.down(shard(h, ("batch", "seq", "mlp")))
@@ -219,9 +241,15 @@ class CausalLM(nnx.Module):
         layer loop, so only what it keeps is stacked: ``[L+1, *select(h).shape]``.
         """
         positions, segment_ids = _defaults(tokens, positions, segment_ids)
-        mask = masks.self_attention_mask(
-            segment_ids, positions, attend_to=attend_to, sliding_window=self.config.sliding_window
-        )
+        window = self.config.sliding_window
+        if attention.resolve(self.config.attention_impl) == "blocked":
+            mask = masks.self_attention_mask(
+                segment_ids, positions, attend_to=attend_to, sliding_window=window
+            )
+        else:  # built block by block inside the attention
+            mask = masks.segment_mask(
+                segment_ids, positions, attend_to=attend_to, sliding_window=window
+            )
         if not all_layers:
             h, _, _ = self._trunk(tokens, positions, mask, None, span)
             return h

@@ -25,7 +25,8 @@ from mipo_jax.train import needs
 from mipo_jax.train import state as st
 from mipo_jax.train.sparsepo import SparseMasks
 
-POLICY_KEYS = ("compute_dtype", "param_dtype", "remat", "scan_layers", "attention_block")
+POLICY_KEYS = ("compute_dtype", "param_dtype", "remat", "scan_layers", "attention_block",
+               "attention_impl", "mlp_impl")  # fmt: skip
 log = logging.getLogger("mipo_jax.train")
 
 
