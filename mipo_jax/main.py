@@ -18,6 +18,8 @@ import os
 from absl import app, flags
 from ml_collections import config_flags
 
+from mipo_jax import stopping
+
 _CONFIG = config_flags.DEFINE_config_file(
     "config",
     None,
@@ -61,7 +63,8 @@ def main(argv):
     summary = train(config, os.path.abspath(_WORKDIR.value))
     if jax.process_index() == 0:
         print(json.dumps(summary, indent=2))
+    return stopping.exit_code(summary)  # 0; 130 after SIGINT (Ctrl-C)
 
 
 if __name__ == "__main__":
-    app.run(main)
+    stopping.stoppable(lambda: app.run(main))  # SIGTERM/SIGINT: save, or exit cleanly

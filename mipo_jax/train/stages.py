@@ -12,8 +12,11 @@
 3. the main run, in ``<workdir>``.
 
 Every stage checkpoints and resumes on its own: running the same command again skips the
-finished stages (their ``summary.json`` exists) and resumes the interrupted one. A stage
-stopped by SIGTERM stops the job; its summary says which stage.
+finished stages (their ``summary.json`` exists) and resumes the interrupted one. SIGTERM or
+SIGINT stops the job in any stage (`mipo_jax.stopping`): between steps the stage saves a
+checkpoint first; elsewhere (start-up, evaluation, export) there is nothing new to save. The
+summary then says ``stopped`` (``preempted`` or ``interrupted``), the ``stage`` and the
+``step`` (None outside the steps).
 """
 
 import logging
@@ -27,6 +30,7 @@ import numpy as np
 from mipo_jax.data.load import Rows
 from mipo_jax.data.tasks import sentiment
 from mipo_jax.losses import loss_config
+from mipo_jax.stopping import Interrupted, job_signals
 from mipo_jax.train import loop, modules, setup, task_eval
 from mipo_jax.train import token_weights as tw
 from mipo_jax.train.data import StepData
@@ -37,9 +41,24 @@ log = logging.getLogger("mipo_jax.train")
 def run(config, workdir: str) -> dict:
     """Every stage the config asks for, then the main run; returns the main run's summary
     (plus ``stages``: where each earlier stage lives), or a ``stopped`` summary."""
+    where = {"stage": "main"}
+    with job_signals():
+        try:
+            return _run(config, workdir, where)
+        except Interrupted as stop:
+            log.warning(
+                "stopped (%s) in the %s stage outside its training steps (start-up, evaluation "
+                "or export): nothing new to save; run the same command again to continue",
+                stop, where["stage"],
+            )  # fmt: skip
+            return {"stopped": stop.reason, "stage": where["stage"], "step": None}
+
+
+def _run(config, workdir: str, where: dict) -> dict:
     stages: dict[str, dict] = {}
     init = None
     if config.sft.steps:
+        where["stage"] = "sft"
         done = sft_stage(config, workdir)
         if done.get("stopped"):
             return {**done, "stage": "sft"}
@@ -47,13 +66,17 @@ def run(config, workdir: str) -> dict:
         stages["sft"] = {"workdir": sft_dir(workdir), "export": done["export"]}
     token_models = None
     if "token_weights" in config and config.token_weights.transform != "binary":
-        done = contrastive_stage(config, init)
+        where["stage"] = "tisdpo"
+        done = contrastive_stage(config, init, where)
         if done.get("stopped"):
             return done
         token_models = done["folders"]
         stages["tisdpo"] = done
+    where["stage"] = "main"
     summary = loop.train(config, workdir, init=init, token_models=token_models)
-    if stages and not summary.get("stopped"):
+    if summary.get("stopped"):
+        return {**summary, "stage": "main"}
+    if stages:
         summary["stages"] = stages
         summary["sft_export"] = stages.get("sft", {}).get("export")
     return summary
@@ -129,8 +152,10 @@ def sft_stage(config, workdir: str) -> dict:
 # ---- TIS-DPO's contrastive models --------------------------------------------------------
 
 
-def contrastive_stage(config, init: str | None) -> dict:
-    """π⁺ and π⁻: ``{"folders": (positive, negative), ...}`` or a ``stopped`` summary."""
+def contrastive_stage(config, init: str | None, where: dict | None = None) -> dict:
+    """π⁺ and π⁻: ``{"folders": (positive, negative), ...}`` or a ``stopped`` summary
+    (``where["stage"]`` names the run in progress)."""
+    where = {} if where is None else where
     t = config.token_weights
     if t.source == "folders":
         return {"folders": (t.positive, t.negative)}
@@ -143,6 +168,7 @@ def contrastive_stage(config, init: str | None) -> dict:
     folders, trained = [], []
     for side, sub in zip(tw.SIDES, subs, strict=True):
         workdir = os.path.join(root, side)
+        where["stage"] = f"tisdpo-{side}"
         if os.path.exists(os.path.join(workdir, "summary.json")):
             log.info("TIS-DPO %s model: cache hit %s", side, workdir)
         else:

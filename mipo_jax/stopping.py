@@ -1,0 +1,94 @@
+"""Stopping a job on SIGTERM (preemption) or SIGINT (Ctrl-C) without losing work.
+
+Between training steps `mipo_jax.checkpoint.PreemptionGuard` turns either signal into a flag:
+the loop stops at the next step, saves a checkpoint and returns ``{"stopped": reason}``.
+Everywhere else in a job (start-up, data loading, compiling, the evaluation and export after
+the last save) there is nothing new to save, so `job_signals` makes the signal raise
+`Interrupted`, which `mipo_jax.train.stages.run` (and the command, before that) turn into a
+clean stop. Exit codes of the command: 0 after SIGTERM, 130 after SIGINT (as shells expect of
+Ctrl-C, so that ``a && b`` stops).
+
+Several processes (`jax.distributed`): JAX's preemption service owns SIGTERM (it agrees on
+a step at which every process stops) and SIGINT keeps Python's default, since one process
+cannot stop the others; nothing is installed here for them.
+
+This module imports no JAX at the top: the command installs the handlers before JAX starts.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import signal
+import sys
+import threading
+
+logger = logging.getLogger("mipo_jax")
+
+REASONS = {signal.SIGTERM: "preempted", signal.SIGINT: "interrupted"}
+EXIT_CODES = {"preempted": 0, "interrupted": 130}
+
+
+class Interrupted(BaseException):  # noqa: N818  (like KeyboardInterrupt: not an Exception)
+    """A stop signal outside the training steps. A BaseException, so ``except Exception``
+    blocks (e.g. the checkpoint fallbacks) do not take it for an error of their own."""
+
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+        self.reason = REASONS.get(signum, "preempted")
+
+
+def multiprocess() -> bool:
+    """Whether `jax.distributed` is running (without starting JAX's backend)."""
+    jax = sys.modules.get("jax")
+    return jax is not None and jax.distributed.is_initialized()
+
+
+def preemption_service() -> bool:
+    """JAX's preemption service (and its SIGTERM listener) runs: several processes."""
+    import jax
+
+    return multiprocess() and bool(jax.config.jax_enable_preemption_service)
+
+
+def handled_signals() -> tuple[int, ...]:
+    """The signals this process turns into a clean stop: SIGTERM and SIGINT in one process;
+    with several, SIGTERM only where JAX's preemption service does not own it."""
+    if multiprocess():
+        return () if preemption_service() else (signal.SIGTERM,)
+    return (signal.SIGTERM, signal.SIGINT)
+
+
+def _raise(signum, frame):
+    raise Interrupted(signum)
+
+
+@contextlib.contextmanager
+def job_signals():
+    """While active (main thread only), the handled signals raise `Interrupted`."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {s: signal.signal(s, _raise) for s in handled_signals()}
+    try:
+        yield
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+
+
+def exit_code(summary: dict) -> int:
+    """The command's exit code for a job's summary: 130 after SIGINT, else 0."""
+    return EXIT_CODES.get(summary.get("stopped"), 0)
+
+
+def stoppable(run) -> None:
+    """Call ``run()`` (the command: flag parsing included) with `job_signals`; a signal that
+    reaches this level (before training started) exits 0 or 130 with one line, no traceback."""
+    with job_signals():
+        try:
+            run()
+        except Interrupted as stop:
+            print(f"stopped ({stop}) before training started; nothing to save", file=sys.stderr)
+            sys.exit(EXIT_CODES[stop.reason])
