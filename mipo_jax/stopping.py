@@ -60,19 +60,39 @@ def handled_signals() -> tuple[int, ...]:
     return (signal.SIGTERM, signal.SIGINT)
 
 
+_RECEIVED: list[int] = []  # every signal `job_signals` turned into `Interrupted`
+
+
 def _raise(signum, frame):
+    _RECEIVED.append(signum)
     raise Interrupted(signum)
+
+
+def _stop_of(error: BaseException, mark: int) -> Interrupted | None:
+    seen = error
+    while seen is not None:
+        if isinstance(seen, Interrupted):
+            return seen
+        seen = seen.__cause__ or seen.__context__
+    return Interrupted(_RECEIVED[-1]) if len(_RECEIVED) > mark else None
 
 
 @contextlib.contextmanager
 def job_signals():
-    """While active (main thread only), the handled signals raise `Interrupted`."""
+    """While active (main thread only), the handled signals raise `Interrupted`.
+
+    Yields ``stop_of(error)``: the `Interrupted` behind an error, or None. An `Interrupted`
+    raised inside code that catches and re-raises (a C extension being imported reports an
+    ImportError, say) still means "stop": any error after a signal arrived is the stop.
+    """
+    mark = len(_RECEIVED)
+    stop_of = lambda error: _stop_of(error, mark)
     if threading.current_thread() is not threading.main_thread():
-        yield
+        yield stop_of
         return
     previous = {s: signal.signal(s, _raise) for s in handled_signals()}
     try:
-        yield
+        yield stop_of
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)
@@ -86,9 +106,12 @@ def exit_code(summary: dict) -> int:
 def stoppable(run) -> None:
     """Call ``run()`` (the command: flag parsing included) with `job_signals`; a signal that
     reaches this level (before training started) exits 0 or 130 with one line, no traceback."""
-    with job_signals():
+    with job_signals() as stop_of:
         try:
             run()
-        except Interrupted as stop:
+        except BaseException as error:  # SystemExit too: absl's app.run ends with one
+            stop = None if isinstance(error, SystemExit) else stop_of(error)
+            if stop is None:
+                raise
             print(f"stopped ({stop}) before training started; nothing to save", file=sys.stderr)
             sys.exit(EXIT_CODES[stop.reason])

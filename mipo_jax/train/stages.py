@@ -30,7 +30,7 @@ import numpy as np
 from mipo_jax.data.load import Rows
 from mipo_jax.data.tasks import sentiment
 from mipo_jax.losses import loss_config
-from mipo_jax.stopping import Interrupted, job_signals
+from mipo_jax.stopping import job_signals
 from mipo_jax.train import loop, modules, setup, task_eval
 from mipo_jax.train import token_weights as tw
 from mipo_jax.train.data import StepData
@@ -42,10 +42,13 @@ def run(config, workdir: str) -> dict:
     """Every stage the config asks for, then the main run; returns the main run's summary
     (plus ``stages``: where each earlier stage lives), or a ``stopped`` summary."""
     where = {"stage": "main"}
-    with job_signals():
+    with job_signals() as stop_of:
         try:
             return _run(config, workdir, where)
-        except Interrupted as stop:
+        except BaseException as error:
+            stop = stop_of(error)
+            if stop is None:
+                raise
             log.warning(
                 "stopped (%s) in the %s stage outside its training steps (start-up, evaluation "
                 "or export): nothing new to save; run the same command again to continue",

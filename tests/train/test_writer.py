@@ -53,3 +53,14 @@ def test_superseded_rows():
     assert wr.superseded({"step": 0, "split": "eval"}, 0, 10)  # step-0 eval, rerun
     assert wr.superseded({"step": 10, "split": "eval"}, 10, 10)  # final eval, rerun
     assert not wr.superseded({"step": 10, "split": "train"}, 10, 10)
+
+
+def test_tensorboard_purges_the_steps_a_resumed_run_writes_again(tmp_path, monkeypatch):
+    import tensorboardX
+
+    made = []
+    monkeypatch.setattr(tensorboardX, "SummaryWriter", lambda d, **kw: made.append(kw) or None)
+    for start, end in ((4, 10), (0, 10), (10, 10)):
+        wr.MetricWriter(str(tmp_path), start=start, end=end)
+    # from the first step written again: after a checkpoint, the step-0 eval, the final eval
+    assert [m["purge_step"] for m in made] == [5, 0, 10]

@@ -1,0 +1,55 @@
+"""SIGTERM/SIGINT outside the training steps: `Interrupted`, also behind errors it caused."""
+
+import os
+import signal
+
+import pytest
+
+from mipo_jax import stopping
+
+
+def _handlers():
+    return {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
+
+
+@pytest.mark.parametrize("signum, code", [(signal.SIGTERM, 0), (signal.SIGINT, 130)])
+def test_a_signal_raises_interrupted_and_the_command_exits_cleanly(signum, code, capsys):
+    before = _handlers()
+    with stopping.job_signals() as stop_of:
+        with pytest.raises(stopping.Interrupted) as err:
+            os.kill(os.getpid(), signum)
+        assert stop_of(err.value) is err.value and err.value.reason in ("preempted", "interrupted")
+    assert _handlers() == before
+
+    def run():
+        os.kill(os.getpid(), signum)
+
+    with pytest.raises(SystemExit) as exit_:
+        stopping.stoppable(run)
+    assert exit_.value.code == code and "before training started" in capsys.readouterr().err
+    assert _handlers() == before
+
+
+def test_an_error_caused_by_the_signal_is_the_stop():
+    def import_something():
+        try:
+            os.kill(os.getpid(), signal.SIGTERM)
+        except BaseException as e:  # as an extension module's import reports it
+            raise ImportError("failed to import") from e
+
+    with stopping.job_signals() as stop_of:
+        with pytest.raises(ImportError) as err:
+            import_something()
+        assert isinstance(stop_of(err.value), stopping.Interrupted)
+        assert stop_of(ValueError("unrelated")).signum == signal.SIGTERM  # a signal came
+    with stopping.job_signals() as stop_of:
+        assert stop_of(ValueError("unrelated")) is None  # no signal in this job
+
+
+def test_exit_codes():
+    assert stopping.exit_code({"steps": 3}) == 0
+    assert stopping.exit_code({"stopped": "preempted"}) == 0
+    assert stopping.exit_code({"stopped": "interrupted"}) == 130
+    with pytest.raises(SystemExit) as exit_:
+        stopping.stoppable(lambda: (_ for _ in ()).throw(SystemExit(3)))
+    assert exit_.value.code == 3  # the command's own exit passes through
