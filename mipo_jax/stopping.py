@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import signal
 import sys
 import threading
@@ -61,9 +62,29 @@ def handled_signals() -> tuple[int, ...]:
 
 
 _RECEIVED: list[int] = []  # every signal `job_signals` turned into `Interrupted`
+_ACTIVE: list[bool] = []  # one entry per active `job_signals`
+RETRY_S = 0.05
+
+
+def _importing(frame) -> bool:
+    """Whether ``frame`` runs inside an import (an exception raised there can abort the
+    process: a C extension half-initialised)."""
+    while frame is not None:
+        if frame.f_code.co_filename.startswith("<frozen importlib"):
+            return True
+        frame = frame.f_back
+    return False
+
+
+def _resend(signum: int) -> None:
+    if _ACTIVE:  # still in a job: otherwise the default action would end the process
+        os.kill(os.getpid(), signum)
 
 
 def _raise(signum, frame):
+    if _importing(frame):  # raise it once the import is done: the signal comes again
+        threading.Timer(RETRY_S, _resend, (signum,)).start()
+        return
     _RECEIVED.append(signum)
     raise Interrupted(signum)
 
@@ -82,8 +103,10 @@ def job_signals():
     """While active (main thread only), the handled signals raise `Interrupted`.
 
     Yields ``stop_of(error)``: the `Interrupted` behind an error, or None. An `Interrupted`
-    raised inside code that catches and re-raises (a C extension being imported reports an
-    ImportError, say) still means "stop": any error after a signal arrived is the stop.
+    raised inside code that catches and re-raises as another error still means "stop": any
+    error after a signal arrived is the stop. A signal that arrives during an import is
+    raised once the import is done (raising inside a C extension's initialisation can abort
+    the process).
     """
     mark = len(_RECEIVED)
     stop_of = lambda error: _stop_of(error, mark)
@@ -91,9 +114,11 @@ def job_signals():
         yield stop_of
         return
     previous = {s: signal.signal(s, _raise) for s in handled_signals()}
+    _ACTIVE.append(True)
     try:
         yield stop_of
     finally:
+        _ACTIVE.pop()
         for s, handler in previous.items():
             signal.signal(s, handler)
 

@@ -2,6 +2,8 @@
 
 import os
 import signal
+import sys
+import time
 
 import pytest
 
@@ -53,3 +55,18 @@ def test_exit_codes():
     with pytest.raises(SystemExit) as exit_:
         stopping.stoppable(lambda: (_ for _ in ()).throw(SystemExit(3)))
     assert exit_.value.code == 3  # the command's own exit passes through
+
+
+def test_a_signal_during_an_import_is_raised_after_it(tmp_path, monkeypatch):
+    # raising inside a C extension's initialisation can abort the process: wait for the end
+    body = "import os, signal\nos.kill(os.getpid(), signal.SIGTERM)\nDONE = True\n"
+    (tmp_path / "signalled_module.py").write_text(body)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    with stopping.job_signals() as stop_of:
+        with pytest.raises(stopping.Interrupted) as err:
+            import signalled_module  # noqa: F401
+
+            assert sys.modules["signalled_module"].DONE  # the import ran to its end
+            time.sleep(10)  # the signal comes again (after RETRY_S) and interrupts this
+        assert stop_of(err.value) is err.value
+    assert sys.modules["signalled_module"].DONE

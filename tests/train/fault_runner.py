@@ -6,7 +6,9 @@
 Runs the command exactly as ``python -m mipo_jax.main`` does, after wrapping a few functions so
 that each prints a marker line (``FAULT <what> <step>``, flushed) and then sleeps the given
 seconds: a test waits for a marker and sends its signal at a random moment inside the window.
-The sleeps change no computed value. Markers:
+The sleeps change no computed value. ``"hold": marker`` makes that one marker's sleep
+``"hold_s"`` long instead, so that a test's signal sent a little after it surely lands inside
+that phase, however late the test reads the marker. Markers:
 
   start            before flags are parsed (the process is importing, nothing built yet)
   dispatch <s>     the host is about to run step s (the first one compiles the step)
@@ -38,8 +40,14 @@ def _install(faults: dict) -> None:
     from mipo_jax.hf import export
     from mipo_jax.train import evaluation, loop
 
-    def wait(key: str) -> None:
-        time.sleep(float(faults.get(key, 0.0)))
+    def pause(key: str, marker: str) -> float:
+        _marker(marker)
+        if faults.get("hold") == marker:
+            return float(faults.get("hold_s", 60.0))
+        return float(faults.get(key, 0.0))
+
+    def wait(key: str, marker: str) -> None:
+        time.sleep(pause(key, marker))
 
     build = loop.build
 
@@ -61,8 +69,7 @@ def _install(faults: dict) -> None:
     hooks_run = loop.Hooks.run
 
     def hooks_marked(self, step, state):
-        _marker(f"step {step}")
-        wait("step")
+        wait("step", f"step {step}")
         return hooks_run(self, step, state)
 
     loop.Hooks.run = hooks_marked
@@ -74,10 +81,10 @@ def _install(faults: dict) -> None:
         if not name.isdigit():  # an item of the step (state, config, ...), not the step
             return await finalize(self)
         step = int(name)
-        _marker(f"save {step}")
+        seconds = pause("save", f"save {step}")
         if faults.get("enospc") == step:
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(self.get()))
-        await asyncio.sleep(float(faults.get("save", 0.0)))
+        await asyncio.sleep(seconds)
         return await finalize(self)
 
     atomicity.AtomicRenameTemporaryPath.finalize = finalize_marked
@@ -85,8 +92,7 @@ def _install(faults: dict) -> None:
     evaluate = evaluation.Evaluator.__call__
 
     def evaluate_marked(self, state):
-        _marker(f"eval {int(state.step)}")
-        wait("eval")
+        wait("eval", f"eval {int(state.step)}")
         return evaluate(self, state)
 
     evaluation.Evaluator.__call__ = evaluate_marked
@@ -94,8 +100,7 @@ def _install(faults: dict) -> None:
     write = export.write_safetensors
 
     def write_marked(path, tensors):
-        _marker("export")
-        wait("export")
+        wait("export", "export")
         return write(path, tensors)
 
     export.write_safetensors = write_marked
@@ -103,8 +108,7 @@ def _install(faults: dict) -> None:
     plot = loop.plot
 
     def plot_marked(*args, **kwargs):
-        _marker("plot")
-        wait("plot")
+        wait("plot", "plot")
         return plot(*args, **kwargs)
 
     loop.plot = plot_marked

@@ -50,10 +50,11 @@ ARGS = (
     "--config.export.hf=True",
     "--config.export.plot=True",
 )
-SLOW = {"step": 0.25, "save": 1.0, "eval": 0.5, "export": 0.8, "plot": 0.5}
+SLOW = {"step": 0.2, "save": 0.3, "eval": 0.2, "export": 0.2, "plot": 0.2}
 VOLATILE = ("time", "steps_per_sec", "tokens_per_sec")
 KILL, TERM, INT = signal.SIGKILL, signal.SIGTERM, signal.SIGINT
-# (signal, marker, phase): each sent at a random moment of the marker's window (`SLOW`)
+# (signal, marker, phase): each sent at a random moment of the marker's window; the phases
+# with evidence to check (`_check_phase`) are held open by the runner until the signal comes
 PLAN = [
     (KILL, "dispatch 1", "compiling the first step"),
     (TERM, "start", "start-up"),
@@ -69,8 +70,10 @@ PLAN = [
     (KILL, "export", "the export"),
     (KILL, "plot", "the plot"),
 ]
-WINDOW = {"dispatch": 0.3, "start": 0.8, "step": SLOW["step"], "save": 0.8 * SLOW["save"],
-          "eval": SLOW["eval"], "export": SLOW["export"], "plot": SLOW["plot"]}  # fmt: skip
+WINDOW = {"start": 0.8, "step": SLOW["step"], "save": 1.0, "eval": 1.0, "export": 1.0,
+          "plot": 1.0}  # fmt: skip
+HELD = ("save", "eval", "export", "plot")
+COMPILE_TRIES = 3  # the compile kill lands after the compilation: try again (see below)
 
 
 class Runner:
@@ -176,12 +179,16 @@ def test_kill_stop_resume_equals_uninterrupted(shared, tmp_path):
     rng, seed = seeded()
     workdir, log = tmp_path / "run", []
     window = dict(WINDOW, dispatch=max(0.06, 0.5 * shared["compile_s"]))
-    for sig, marker, phase in PLAN:
+    plan = list(PLAN)
+    while plan:
+        sig, marker, phase = plan.pop(0)
         before = steps(workdir)
-        env = shared["env"]
+        env, faults = shared["env"], dict(SLOW)
         if marker == "dispatch 1":  # no persistent cache: this process really compiles
             env = {k: v for k, v in env.items() if k != "JAX_COMPILATION_CACHE_DIR"}
-        run = Runner(workdir, env, SLOW)
+        if marker.split()[0] in HELD:
+            faults["hold"] = marker
+        run = Runner(workdir, env, faults)
         run.wait_for(marker)
         delay = rng.uniform(0.05, window[marker.split()[0]])
         time.sleep(delay)
@@ -194,6 +201,13 @@ def test_kill_stop_resume_equals_uninterrupted(shared, tmp_path):
         else:  # the command's clean stop: 0 after SIGTERM, 130 after SIGINT, no traceback
             assert rc == (130 if sig == INT else 0), context
             assert "Traceback" not in run.output, context
+        if marker == "dispatch 1" and "step 1" in run.seen:
+            # the compilation was faster than the reference's (a machine less loaded now):
+            # that was a mid-step kill; from step 0 again, the next process compiles again
+            assert len(log) < COMPILE_TRIES and not steps(workdir), context
+            log[-1] += " after the compilation"
+            plan.insert(0, (sig, marker, phase))
+            continue
         _check_phase(marker, workdir, run, before, context)
         if marker == "export":  # a crash mid-write of a metrics row: a torn last line
             with open(workdir / "metrics.jsonl", "a") as f:
@@ -216,7 +230,7 @@ def _check_phase(marker: str, workdir, run: Runner, before: list[int], context: 
     rows = {(r["split"], r["step"]) for r in map(json.loads, open(workdir / "metrics.jsonl"))}
     tmp = lambda step: list((workdir / "checkpoints").glob(f"{step}.orbax-checkpoint-tmp*"))
     if marker == "dispatch 1":  # the first step had not returned from compiling
-        assert "step 1" not in run.seen and ("train", 1) not in rows, context
+        assert ("train", 1) not in rows, context
     elif marker == "start":  # before training: nothing new saved
         assert steps(workdir) == before and "dispatch 1" not in run.seen, context
     elif marker.startswith("save"):  # only orbax's temporary directory of the step
