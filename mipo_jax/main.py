@@ -63,7 +63,6 @@ def main(argv):
     summary = train(config, os.path.abspath(_WORKDIR.value))
     if jax.process_index() == 0:
         print(json.dumps(summary, indent=2))
-    return stopping.exit_code(summary)  # 0; 130 after SIGINT (Ctrl-C)
 
 
 if __name__ == "__main__":

@@ -5,8 +5,10 @@ the loop stops at the next step, saves a checkpoint and returns ``{"stopped": re
 Everywhere else in a job (start-up, data loading, compiling, the evaluation and export after
 the last save) there is nothing new to save, so `job_signals` makes the signal raise
 `Interrupted`, which `mipo_jax.train.stages.run` (and the command, before that) turn into a
-clean stop. Exit codes of the command: 0 after SIGTERM, 130 after SIGINT (as shells expect of
-Ctrl-C, so that ``a && b`` stops).
+clean stop. A job stopped by SIGTERM returns a ``stopped`` summary; one stopped by SIGINT
+raises ``KeyboardInterrupt`` once it has saved, as Python code interrupted by Ctrl-C does (a
+loop over runs stops too). Exit codes of the command: 0 after SIGTERM, 130 after SIGINT (as
+shells expect of Ctrl-C, so that ``a && b`` stops), with no traceback.
 
 Several processes (`jax.distributed`): JAX's preemption service owns SIGTERM (it agrees on
 a step at which every process stops) and SIGINT keeps Python's default, since one process
@@ -123,20 +125,20 @@ def job_signals():
             signal.signal(s, handler)
 
 
-def exit_code(summary: dict) -> int:
-    """The command's exit code for a job's summary: 130 after SIGINT, else 0."""
-    return EXIT_CODES.get(summary.get("stopped"), 0)
-
-
 def stoppable(run) -> None:
-    """Call ``run()`` (the command: flag parsing included) with `job_signals`; a signal that
-    reaches this level (before training started) exits 0 or 130 with one line, no traceback."""
+    """Call ``run()`` (the command: flag parsing included) with `job_signals`. A signal that
+    reaches this level (before the job started) exits 0 (SIGTERM) or 130 (SIGINT) with one
+    line and no traceback; so does the ``KeyboardInterrupt`` a job raises after saving on
+    SIGINT (`mipo_jax.train.stages.run`). A job stopped by SIGTERM returns: exit code 0."""
     with job_signals() as stop_of:
         try:
             run()
+        except KeyboardInterrupt as interrupt:
+            print(f"interrupted: {interrupt}", file=sys.stderr)
+            sys.exit(EXIT_CODES["interrupted"])
         except BaseException as error:  # SystemExit too: absl's app.run ends with one
             stop = None if isinstance(error, SystemExit) else stop_of(error)
             if stop is None:
                 raise
-            print(f"stopped ({stop}) before training started; nothing to save", file=sys.stderr)
+            print(f"stopped ({stop}) before the job started; nothing to save", file=sys.stderr)
             sys.exit(EXIT_CODES[stop.reason])

@@ -28,7 +28,7 @@ def test_a_signal_raises_interrupted_and_the_command_exits_cleanly(signum, code,
 
     with pytest.raises(SystemExit) as exit_:
         stopping.stoppable(run)
-    assert exit_.value.code == code and "before training started" in capsys.readouterr().err
+    assert exit_.value.code == code and "before the job started" in capsys.readouterr().err
     assert _handlers() == before
 
 
@@ -48,10 +48,14 @@ def test_an_error_caused_by_the_signal_is_the_stop():
         assert stop_of(ValueError("unrelated")) is None  # no signal in this job
 
 
-def test_exit_codes():
-    assert stopping.exit_code({"steps": 3}) == 0
-    assert stopping.exit_code({"stopped": "preempted"}) == 0
-    assert stopping.exit_code({"stopped": "interrupted"}) == 130
+def test_the_command_exits_130_after_a_job_interrupted_by_sigint(capsys):
+    def job():
+        interrupt = KeyboardInterrupt("stopped by SIGINT: {'step': 3}")
+        raise interrupt
+
+    with pytest.raises(SystemExit) as exit_:
+        stopping.stoppable(job)
+    assert exit_.value.code == 130 and "interrupted: stopped by SIGINT" in capsys.readouterr().err
     with pytest.raises(SystemExit) as exit_:
         stopping.stoppable(lambda: (_ for _ in ()).throw(SystemExit(3)))
     assert exit_.value.code == 3  # the command's own exit passes through

@@ -40,11 +40,13 @@ log = logging.getLogger("mipo_jax.train")
 
 def run(config, workdir: str) -> dict:
     """Every stage the config asks for, then the main run; returns the main run's summary
-    (plus ``stages``: where each earlier stage lives), or a ``stopped`` summary."""
+    (plus ``stages``: where each earlier stage lives), or after SIGTERM a ``stopped``
+    summary. After SIGINT (Ctrl-C) it saves the same way, then raises ``KeyboardInterrupt``
+    (as Python code interrupted by Ctrl-C does; its ``summary`` attribute is that summary)."""
     where = {"stage": "main"}
     with job_signals() as stop_of:
         try:
-            return _run(config, workdir, where)
+            summary = _run(config, workdir, where)
         except BaseException as error:
             stop = stop_of(error)
             if stop is None:
@@ -54,7 +56,12 @@ def run(config, workdir: str) -> dict:
                 "or export): nothing new to save; run the same command again to continue",
                 stop, where["stage"],
             )  # fmt: skip
-            return {"stopped": stop.reason, "stage": where["stage"], "step": None}
+            summary = {"stopped": stop.reason, "stage": where["stage"], "step": None}
+    if summary.get("stopped") == "interrupted":
+        interrupt = KeyboardInterrupt(f"stopped by SIGINT: {summary}")
+        interrupt.summary = summary
+        raise interrupt
+    return summary
 
 
 def _run(config, workdir: str, where: dict) -> dict:

@@ -360,9 +360,16 @@ def signal_in(monkeypatch, run_dir: str, signum, when) -> None:
 
 
 def stop(monkeypatch, config, workdir, run_dir, signum, when) -> dict:
+    """The job's summary after ``signum``: returned after SIGTERM; after SIGINT, attached to
+    the KeyboardInterrupt the job raises once it has saved."""
     signal_in(monkeypatch, run_dir, signum, when)
     before = {s: signal.getsignal(s) for s in (TERM, INT)}
-    summary = stages.run(config, str(workdir))
+    if signum == INT:
+        with pytest.raises(KeyboardInterrupt) as interrupt:
+            stages.run(config, str(workdir))
+        summary = interrupt.value.summary
+    else:
+        summary = stages.run(config, str(workdir))
     monkeypatch.undo()
     assert {s: signal.getsignal(s) for s in before} == before  # handlers restored
     return summary
