@@ -64,6 +64,7 @@ def handled_signals() -> tuple[int, ...]:
 
 
 _RECEIVED: list[int] = []  # every signal `job_signals` turned into `Interrupted`
+_PENDING: list[int] = []  # raised, and not yet seen handled by the job (`take_pending`)
 _ACTIVE: list[bool] = []  # one entry per active `job_signals`
 RETRY_S = 0.05
 
@@ -84,20 +85,41 @@ def _resend(signum: int) -> None:
 
 
 def _raise(signum, frame):
+    _RECEIVED.append(signum)
     if _importing(frame):  # raise it once the import is done: the signal comes again
         threading.Timer(RETRY_S, _resend, (signum,)).start()
         return
-    _RECEIVED.append(signum)
+    _PENDING.append(signum)
     raise Interrupted(signum)
+
+
+def take_pending() -> int | None:
+    """A signal whose `Interrupted` the job has not handled, if any (then forgotten).
+
+    Python ignores exceptions raised where nothing can catch them (a garbage-collection
+    callback, ``__del__``), so a signal arriving there would be lost; the job polls this
+    where it can stop cleanly (`check`, `mipo_jax.checkpoint.PreemptionGuard`)."""
+    signum = _PENDING[-1] if _PENDING and _ACTIVE else None
+    _PENDING.clear()
+    return signum
+
+
+def check() -> None:
+    """Raise `Interrupted` now for a signal whose first `Interrupted` was lost."""
+    signum = take_pending()
+    if signum is not None:
+        raise Interrupted(signum)
 
 
 def _stop_of(error: BaseException, mark: int) -> Interrupted | None:
     seen = error
-    while seen is not None:
-        if isinstance(seen, Interrupted):
-            return seen
+    while seen is not None and not isinstance(seen, Interrupted):
         seen = seen.__cause__ or seen.__context__
-    return Interrupted(_RECEIVED[-1]) if len(_RECEIVED) > mark else None
+    if seen is None and len(_RECEIVED) > mark:
+        seen = Interrupted(_RECEIVED[-1])
+    if seen is not None:
+        _PENDING.clear()  # handled
+    return seen
 
 
 @contextlib.contextmanager
@@ -108,19 +130,30 @@ def job_signals():
     raised inside code that catches and re-raises as another error still means "stop": any
     error after a signal arrived is the stop. A signal that arrives during an import is
     raised once the import is done (raising inside a C extension's initialisation can abort
-    the process).
+    the process); one whose `Interrupted` Python ignored is taken up where the job polls
+    (`take_pending`).
     """
     mark = len(_RECEIVED)
+    if not _ACTIVE:
+        _PENDING.clear()
     stop_of = lambda error: _stop_of(error, mark)
     if threading.current_thread() is not threading.main_thread():
         yield stop_of
         return
     previous = {s: signal.signal(s, _raise) for s in handled_signals()}
+    hook = sys.unraisablehook
+
+    def quiet(unraisable):  # an ignored Interrupted is pending, not an error to print
+        if not isinstance(unraisable.exc_value, Interrupted):
+            hook(unraisable)
+
+    sys.unraisablehook = quiet
     _ACTIVE.append(True)
     try:
         yield stop_of
     finally:
         _ACTIVE.pop()
+        sys.unraisablehook = hook
         for s, handler in previous.items():
             signal.signal(s, handler)
 

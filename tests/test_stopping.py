@@ -74,3 +74,25 @@ def test_a_signal_during_an_import_is_raised_after_it(tmp_path, monkeypatch):
             time.sleep(10)  # the signal comes again (after RETRY_S) and interrupts this
         assert stop_of(err.value) is err.value
     assert sys.modules["signalled_module"].DONE
+
+
+class _SignalInDel:
+    """Sends SIGTERM from ``__del__``, where Python prints and ignores any exception (as in
+    the garbage-collection callbacks JAX registers)."""
+
+    def __del__(self):
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
+def test_a_signal_whose_exception_python_ignored_stops_the_job_later(capsys):
+    from mipo_jax.checkpoint import PreemptionGuard
+
+    with stopping.job_signals():
+        _SignalInDel()  # the Interrupted raised in __del__ is lost
+        with pytest.raises(stopping.Interrupted):
+            stopping.check()  # where the job can stop: between stages, before the final eval
+        stopping.check()  # taken up once
+        _SignalInDel()
+        with PreemptionGuard() as guard:  # the training loop: stop before the first step
+            assert guard.requested and guard.reason == "preempted"
+    assert "Exception ignored" not in capsys.readouterr().err  # not reported as an error

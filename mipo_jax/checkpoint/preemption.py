@@ -30,7 +30,7 @@ import threading
 
 from jax.experimental import multihost_utils
 
-from mipo_jax.stopping import REASONS, handled_signals, preemption_service
+from mipo_jax.stopping import REASONS, handled_signals, preemption_service, take_pending
 
 logger = logging.getLogger("mipo_jax.checkpoint")
 
@@ -48,6 +48,10 @@ class PreemptionGuard:
         self.signal_number: int | None = None
 
     def __enter__(self) -> PreemptionGuard:
+        pending = take_pending()  # a stop signal before the steps that Python ignored
+        if pending is not None:
+            self.signal_number = pending
+            self._stop.set()
         self._multiprocess = preemption_service()
         signals = self._signals if self._signals is not None else handled_signals()
         if not self._multiprocess:

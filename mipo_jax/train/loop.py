@@ -23,6 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from mipo_jax import stopping
 from mipo_jax.checkpoint import Checkpointer, PreemptionGuard
 from mipo_jax.train import state as st
 from mipo_jax.train.data import to_device
@@ -124,6 +125,7 @@ def train(config, workdir: str, *, init=None, token_models=None, rows=None) -> d
                     last)  # fmt: skip
         writer.close()
         return {"stopped": guard.reason, "step": last}
+    stopping.check()  # outside the steps, a signal raises (`mipo_jax.stopping.job_signals`)
     final = run.evaluator(state)
     writer.write(run.num_steps, final, "eval")
     writer.close()

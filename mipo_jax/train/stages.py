@@ -30,7 +30,7 @@ import numpy as np
 from mipo_jax.data.load import Rows
 from mipo_jax.data.tasks import sentiment
 from mipo_jax.losses import loss_config
-from mipo_jax.stopping import job_signals
+from mipo_jax.stopping import check, job_signals
 from mipo_jax.train import loop, modules, setup, task_eval
 from mipo_jax.train import token_weights as tw
 from mipo_jax.train.data import StepData
@@ -69,6 +69,7 @@ def _run(config, workdir: str, where: dict) -> dict:
     init = None
     if config.sft.steps:
         where["stage"] = "sft"
+        check()
         done = sft_stage(config, workdir)
         if done.get("stopped"):
             return {**done, "stage": "sft"}
@@ -77,12 +78,14 @@ def _run(config, workdir: str, where: dict) -> dict:
     token_models = None
     if "token_weights" in config and config.token_weights.transform != "binary":
         where["stage"] = "tisdpo"
+        check()
         done = contrastive_stage(config, init, where)
         if done.get("stopped"):
             return done
         token_models = done["folders"]
         stages["tisdpo"] = done
     where["stage"] = "main"
+    check()  # a signal Python ignored (`mipo_jax.stopping.take_pending`) stops here
     summary = loop.train(config, workdir, init=init, token_models=token_models)
     if summary.get("stopped"):
         return {**summary, "stage": "main"}
