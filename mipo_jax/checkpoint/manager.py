@@ -257,7 +257,7 @@ def _restore_newest(
 ):
     """Try steps newest first; warn about and (optionally) move aside unusable ones. When
     none restores: ``move_aside`` (the workdir) refuses unless ``restart``."""
-    bad: list[tuple[Path, bool]] = []  # (step dir, failed while reading arrays)
+    bad: list[tuple[Path, bool, str]] = []  # (step dir, failed reading arrays, problem)
     for step in sorted(manager.all_steps(), reverse=True):
         step_dir = directory / str(step)
         problem, restored, read_error = integrity.step_problem(step_dir), None, False
