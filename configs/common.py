@@ -137,7 +137,9 @@ def add_run_sections(config: mlc.ConfigDict) -> None:
             progress=True,  # tqdm progress bar
         )
     )
-    config.checkpoint = mlc.ConfigDict(dict(every=500, keep=3, async_save=True))
+    config.checkpoint = mlc.ConfigDict(  # restart: when no checkpoint restores, start over
+        dict(every=500, keep=3, async_save=True, restart=False)  # (moving them aside)
+    )
     config.export = mlc.ConfigDict(dict(hf=True, dtype="float32", plot=True))  # HF folder, PNG
 
 

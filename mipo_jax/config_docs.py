@@ -139,6 +139,8 @@ DOCS = {
     "checkpoint.every": "steps between checkpoints",
     "checkpoint.keep": "checkpoints kept",
     "checkpoint.async_save": "write checkpoints in the background",
+    "checkpoint.restart": "when checkpoints exist but none restores: start over (moving "
+    "them aside) instead of refusing",
     "export.hf": "write the policy as a Hugging Face folder at the end",
     "export.dtype": "dtype of the exported weights",
     "export.plot": "write curves.png at the end",

@@ -17,7 +17,7 @@ import time
 from absl import app, flags
 from ml_collections import config_flags
 
-from mipo_jax import cli
+from mipo_jax import cli, stopping
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
 _CONFIG = config_flags.DEFINE_config_file(
@@ -91,7 +91,8 @@ def main(argv):
 
         summary = stages.run(config, os.path.abspath(workdir))
     if summary.get("stopped"):
-        print(f"stopped ({summary['stopped']}) at step {summary['step']}; run again to resume")
+        stage = summary.get("stage", "main")
+        print(f"stopped ({summary['stopped']}) in the {stage} stage; run again to resume")
         return
     baselines = None
     from mipo_jax.train import task_eval
@@ -107,4 +108,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main, flags_parser=cli.parse_flags)
+    stopping.stoppable(lambda: app.run(main, flags_parser=cli.parse_flags))

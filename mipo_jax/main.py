@@ -20,7 +20,7 @@ import os
 from absl import app, flags
 from ml_collections import config_flags
 
-from mipo_jax import cli
+from mipo_jax import cli, stopping
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config",
@@ -80,4 +80,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main, flags_parser=cli.parse_flags)
+    # SIGTERM/SIGINT: save, or exit cleanly; mistakes: one line, exit 2
+    stopping.stoppable(lambda: app.run(main, flags_parser=cli.parse_flags))

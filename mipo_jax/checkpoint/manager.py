@@ -19,7 +19,14 @@ then older ones, then `init_path`; it returns None when there is nothing to resu
 target is a `jax.eval_shape` pytree whose leaves carry the *current* mesh's shardings, so a
 checkpoint written on one mesh restores onto another (8 devices -> 4 -> 1) with identical
 values. A newest checkpoint that is incomplete or unreadable is reported with a warning naming
-its step and path, moved aside, and the previous one is used.
+its step and path, moved aside, and the previous one is used. When checkpoints exist and none
+of them restores, it refuses to start over (`UnusableCheckpoints`, listing what was found)
+unless the Checkpointer was made with ``restart=True``: then they are moved aside and the run
+starts from step 0. (A save killed midway leaves only orbax's temporary directory, which is
+ignored: a step directory appears only when its save is complete.)
+
+A save that fails (a full disk, a lost mount) raises `CheckpointSaveError` from the next
+`save`, `wait_until_finished` or `close`, naming the step and the newest complete checkpoint.
 
 All processes of a multi-process run call every method with the same arguments; orbax
 writes each array shard from the process that holds it and the JSON items from process 0,
@@ -43,6 +50,7 @@ from jax.experimental import multihost_utils
 
 from mipo_jax.checkpoint import codec, integrity
 from mipo_jax.distributed import all_agree
+from mipo_jax.errors import UserError
 
 logger = logging.getLogger("mipo_jax.checkpoint")
 
@@ -58,6 +66,14 @@ class Restored:
     metadata: dict
     source: str
     path: str
+
+
+class UnusableCheckpoints(UserError):
+    """Checkpoints exist and none restores: not silently starting over."""
+
+
+class CheckpointSaveError(RuntimeError):
+    """A checkpoint could not be written (e.g. the disk is full)."""
 
 
 def _barrier(name: str) -> None:
@@ -77,6 +93,7 @@ class Checkpointer:
         async_save: bool = True,
         config=None,
         metadata: dict | None = None,
+        restart: bool = False,
     ):
         if save_every < 1 or keep < 1:
             raise ValueError(f"save_every={save_every} and keep={keep} must be >= 1")
@@ -84,6 +101,8 @@ class Checkpointer:
         self.save_every = save_every
         self.config = config
         self.metadata = dict(metadata or {})
+        self.restart = restart
+        self._saving: int | None = None  # the step of the last save (maybe still writing)
         options = ocp.CheckpointManagerOptions(
             max_to_keep=keep, enable_async_checkpointing=async_save, create=True
         )
@@ -130,23 +149,52 @@ class Checkpointer:
             config=ocp.args.JsonSave({"config": codec.config_to_json(self.config)}),
             meta=ocp.args.JsonSave(meta),
         )
-        self._manager.save(step, args=args, force=True)
+        self._checked(self._manager.save, step, args=args, force=True)
+        self._saving = step
         if wait:
             self.wait_until_finished()
         return True
 
     def wait_until_finished(self) -> None:
-        self._manager.wait_until_finished()
+        self._checked(self._manager.wait_until_finished)
 
     def close(self) -> None:
         """Finish pending saves and release orbax's threads."""
-        self._manager.close()
+        self._checked(self._manager.close)
 
     def __enter__(self):
         return self
 
-    def __exit__(self, *exc):
-        self.close()
+    def __exit__(self, kind, *exc):
+        try:
+            self.close()
+        except CheckpointSaveError:
+            if kind is None:
+                raise
+            logger.exception("while stopping on an error, a checkpoint save failed too")
+
+    def complete_steps(self) -> list[int]:
+        """Steps on disk whose checkpoint is complete (cheap checks, no restore)."""
+        steps = [int(p.name) for p in self.directory.iterdir() if p.name.isdigit()]
+        return sorted(s for s in steps if integrity.step_problem(self.directory / str(s)) is None)
+
+    def _checked(self, fn, *args, **kwargs):
+        """Call orbax; an error of a (possibly earlier, asynchronous) save becomes a
+        `CheckpointSaveError` saying which step failed and what the run can resume from."""
+        try:
+            return fn(*args, **kwargs)
+        except Exception as e:
+            step = self._saving if self._saving is not None else args[0] if args else "?"
+            cause = f"{type(e).__name__}: {str(e)[:1000]}"
+            if "No space left on device" in str(e) or getattr(e, "errno", None) == 28:
+                cause = f"the disk is full ({cause})"
+            done = self.complete_steps() if self.directory.is_dir() else []
+            newest = f"step {done[-1]}" if done else "none yet"
+            raise CheckpointSaveError(
+                f"saving the checkpoint of step {step} in {self.directory} failed: {cause}. "
+                f"Newest complete checkpoint: {newest}. Free space (or fix the cause) and run "
+                "the same command again: it resumes from the newest complete checkpoint."
+            ) from e
 
     # ---- restoring ----------------------------------------------------------------------
 
@@ -164,13 +212,16 @@ class Checkpointer:
             checkpoint directory (its newest step) or one step directory inside it.
 
         Returns:
-          `Restored` or None. Raises RuntimeError when checkpoints exist but none restores
-          (e.g. the state's structure changed), rather than silently starting over.
+          `Restored` or None. Raises `UnusableCheckpoints` when checkpoints exist but none
+          restores (unfinished commits, corrupt files, a changed state structure), rather
+          than silently starting over, unless ``restart=True``.
         """
         abstract = codec.as_abstract(abstract_state)
         for tmp in integrity.unfinished_saves(self.directory):
             logger.warning("Ignoring unfinished checkpoint save %s", tmp)
-        restored = _restore_newest(self._manager, self.directory, abstract, "workdir", True)
+        restored = _restore_newest(
+            self._manager, self.directory, abstract, "workdir", True, restart=self.restart
+        )
         if restored is not None:
             changed = codec.config_diff(restored.config, self.config) if self.config else []
             if changed:
@@ -201,9 +252,12 @@ def _restore_step(manager, step: int, abstract, source: str) -> Restored:
     )
 
 
-def _restore_newest(manager, directory: Path, abstract, source: str, move_aside: bool):
-    """Try steps newest first; warn about and (optionally) move aside unusable ones."""
-    bad: list[tuple[Path, bool]] = []  # (step dir, failed while reading arrays)
+def _restore_newest(
+    manager, directory: Path, abstract, source: str, move_aside: bool, restart: bool = False
+):
+    """Try steps newest first; warn about and (optionally) move aside unusable ones. When
+    none restores: ``move_aside`` (the workdir) refuses unless ``restart``."""
+    bad: list[tuple[Path, bool, str]] = []  # (step dir, failed reading arrays, problem)
     for step in sorted(manager.all_steps(), reverse=True):
         step_dir = directory / str(step)
         problem, restored, read_error = integrity.step_problem(step_dir), None, False
@@ -215,7 +269,7 @@ def _restore_newest(manager, directory: Path, abstract, source: str, move_aside:
         if all_agree(problem is None):
             if bad:
                 logger.warning("Using the checkpoint at step %d (%s) instead", step, step_dir)
-            _move_aside([p for p, _ in bad] if move_aside else [], manager)
+            _move_aside([p for p, _, _ in bad] if move_aside else [], manager)
             return restored
         problem = problem or "unreadable on another process"
         logger.warning(
@@ -224,14 +278,36 @@ def _restore_newest(manager, directory: Path, abstract, source: str, move_aside:
             step_dir,
             problem[:2000],
         )
-        bad.append((step_dir, read_error))
-    if any(read_error for _, read_error in bad):
+        bad.append((step_dir, read_error, problem))
+    if not bad:
+        return None
+    if move_aside and not restart:
+        raise UnusableCheckpoints(_unusable_message(directory, bad))
+    if not move_aside and any(read_error for _, read_error, _ in bad):
         raise RuntimeError(
             f"no checkpoint in {directory} restores onto the given target (see the warnings "
             "above); if the state's structure changed, use a new workdir"
         )
-    _move_aside([p for p, _ in bad] if move_aside else [], manager)
+    if move_aside:
+        logger.warning(
+            "checkpoint.restart=True: none of the %d checkpoint(s) in %s restores; moving them "
+            "aside and training from step 0", len(bad), directory,
+        )  # fmt: skip
+        _move_aside([p for p, _, _ in bad], manager)
     return None
+
+
+def _unusable_message(directory: Path, bad: list) -> str:
+    found = "; ".join(f"step {p.name}: {' '.join(problem.split())[:200]}" for p, _, problem in bad)
+    hint = ""
+    if any(read_error for _, read_error, _ in bad):
+        hint = " If the state's structure changed (another model or algorithm), use a new workdir."
+    return (
+        f"{directory} holds {len(bad)} checkpoint(s) and none restores ({found}). Not "
+        f"starting over from step 0 on top of them.{hint} Repair or remove them, or run with "
+        "--config.checkpoint.restart=True to move them aside (to <step>.corrupt) and train "
+        "from step 0."
+    )
 
 
 def _move_aside(step_dirs: list[Path], manager) -> None:

@@ -1,4 +1,4 @@
-"""Preemption: turn SIGTERM into a flag the training loop polls, then save and exit 0.
+"""Preemption: SIGTERM (and SIGINT) between training steps become a flag the loop polls.
 
     with PreemptionGuard() as guard:
         while step < total:
@@ -8,15 +8,18 @@
             if guard.should_stop(step):
                 break
         ckpt.save(step, state, data_iter=data.get_state(), force=True, wait=True)
-    # main returns normally: exit code 0
+    # main returns normally: exit code 0 (130 after SIGINT: `mipo_jax.stopping`)
 
-One process: the handler only sets a flag (no I/O in signal context); `should_stop` reads it.
+One process: the handler only sets a flag (no I/O in signal context); `should_stop` reads it;
+``guard.reason`` is ``preempted`` (SIGTERM) or ``interrupted`` (SIGINT). A second signal while
+stopping is ignored (the save goes on; checkpoints are written atomically, so kill -9 is safe
+too). Outside the steps, `mipo_jax.stopping.job_signals` handles the signals.
 
 Several processes (`jax.distributed`): JAX's preemption service already owns SIGTERM and
 agrees on a step at which *every* process stops (the next step after the furthest one when the
 notice arrived), so `should_stop(step)` asks `multihost_utils.reached_preemption_sync_point`
-and the guard installs no handler of its own. Call `should_stop` at every step with the same
-step number on all processes.
+and the guard installs no handler of its own (nor one for SIGINT: one process cannot stop
+the others). Call `should_stop` at every step with the same step number on all processes.
 """
 
 from __future__ import annotations
@@ -25,22 +28,19 @@ import logging
 import signal
 import threading
 
-import jax
 from jax.experimental import multihost_utils
+
+from mipo_jax.stopping import REASONS, handled_signals, preemption_service, take_pending
 
 logger = logging.getLogger("mipo_jax.checkpoint")
 
 
-def _jax_preemption_service() -> bool:
-    # jax.distributed.initialize starts it (and its SIGTERM listener) unless disabled.
-    return jax.process_count() > 1 and bool(jax.config.jax_enable_preemption_service)
-
-
 class PreemptionGuard:
-    """Context manager: while active, `signals` (default SIGTERM) request a clean stop."""
+    """Context manager: while active, `signals` (default SIGTERM and SIGINT) request a clean
+    stop instead of ending the process."""
 
-    def __init__(self, signals: tuple[int, ...] = (signal.SIGTERM,)):
-        self._signals = tuple(signals)
+    def __init__(self, signals: tuple[int, ...] | None = None):
+        self._signals = signals
         self._stop = threading.Event()
         self._previous: dict[int, object] = {}
         self._multiprocess = False
@@ -48,11 +48,16 @@ class PreemptionGuard:
         self.signal_number: int | None = None
 
     def __enter__(self) -> PreemptionGuard:
-        self._multiprocess = _jax_preemption_service()
+        pending = take_pending()  # a stop signal before the steps that Python ignored
+        if pending is not None:
+            self.signal_number = pending
+            self._stop.set()
+        self._multiprocess = preemption_service()
+        signals = self._signals if self._signals is not None else handled_signals()
         if not self._multiprocess:
             if threading.current_thread() is not threading.main_thread():
                 raise RuntimeError("PreemptionGuard must be entered on the main thread")
-            for signum in self._signals:
+            for signum in signals:
                 self._previous[signum] = signal.signal(signum, self._handle)
         return self
 
@@ -62,12 +67,25 @@ class PreemptionGuard:
         self._previous.clear()
 
     def _handle(self, signum, frame) -> None:
+        if self._stop.is_set():
+            return  # a second signal while stopping: the save goes on (kill -9 is safe too)
         self.signal_number = signum
         self._stop.set()
 
     def request_stop(self) -> None:
         """Ask for a stop as a signal would (in multi-process runs: call it on every process)."""
         self._stop.set()
+
+    @property
+    def requested(self) -> bool:
+        """A stop was requested in this process (no collective: use between steps only when
+        a single process runs, or after the loop)."""
+        return self._stop.is_set()
+
+    @property
+    def reason(self) -> str:
+        """``interrupted`` after SIGINT, else ``preempted`` (SIGTERM, JAX's preemption notice)."""
+        return REASONS.get(self.signal_number, "preempted")
 
     def should_stop(self, step: int | None = None) -> bool:
         """True once a stop was requested (multi-process: at the agreed step, on all)."""

@@ -140,6 +140,7 @@ class ModelConfig:
         _check_choice("mlp_impl", self.mlp_impl, MLP_IMPLS)
         if self.attention_block < 0:
             raise ValueError(f"attention_block={self.attention_block} must be >= 0 (0 = one block)")
+        _check_sizes(self)
         if self.num_heads % self.num_kv_heads:
             raise UnsupportedConfigError(
                 f"num_attention_heads={self.num_heads} is not a multiple of "
@@ -185,6 +186,20 @@ class ModelConfig:
             dtype="float32",
         )
         return d
+
+
+SIZES = ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads",
+         "num_kv_heads", "head_dim", "max_position_embeddings")  # fmt: skip
+
+
+def _check_sizes(c: "ModelConfig") -> None:
+    """Every size a positive integer (a config.json with 0 or -1 would fail deep in JAX)."""
+    for name in SIZES:
+        value = getattr(c, name)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise UnsupportedConfigError(
+                f"{name}={value!r}: every model size must be an integer >= 1"
+            )
 
 
 def _check_choice(name: str, value: Any, allowed: tuple) -> None:
@@ -239,9 +254,19 @@ _LLAMA_KEYS = """vocab_size hidden_size intermediate_size num_hidden_layers num_
     use_sliding_window max_window_layers layer_types""".split()
 
 
+def _size(hf: dict, key: str, default: Any = None) -> Any:
+    """A size the parser divides by: checked before use (other sizes: `_check_sizes`)."""
+    value = hf.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise UnsupportedConfigError(f"config key {key!r}={value!r}: expected an integer >= 1")
+    return value
+
+
 def _from_llama_like(hf: dict, family: str) -> tuple[dict, set[str]]:
-    heads = hf["num_attention_heads"]
-    head_dim = hf.get("head_dim") or hf["hidden_size"] // heads
+    heads = _size(hf, "num_attention_heads")
+    head_dim = hf.get("head_dim")
+    head_dim = hf["hidden_size"] // heads if head_dim is None else head_dim
+    kv_heads = hf.get("num_key_value_heads")
     attention_bias = bool(hf.get("attention_bias", False))
     if family != "llama":
         _require(hf, "mlp_bias", False, False)
@@ -259,7 +284,7 @@ def _from_llama_like(hf: dict, family: str) -> tuple[dict, set[str]]:
         intermediate_size=hf["intermediate_size"],
         num_layers=hf["num_hidden_layers"],
         num_heads=heads,
-        num_kv_heads=hf.get("num_key_value_heads") or heads,
+        num_kv_heads=heads if kv_heads is None else kv_heads,
         head_dim=head_dim,
         max_position_embeddings=hf.get("max_position_embeddings", 2048),
         norm_eps=hf.get("rms_norm_eps", 1e-6),
@@ -350,7 +375,7 @@ def _from_gpt2(hf: dict, family: str) -> tuple[dict, set[str]]:
     _require(hf, "scale_attn_weights", True, True)
     _require(hf, "scale_attn_by_inverse_layer_idx", False, False)
     _require(hf, "add_cross_attention", False, False)
-    width, heads = hf.get("n_embd", 768), hf.get("n_head", 12)
+    width, heads = hf.get("n_embd", 768), _size(hf, "n_head", 12)
     fields = dict(
         vocab_size=hf.get("vocab_size", 50257),
         hidden_size=width,

@@ -4,6 +4,8 @@ Each error names the key, its value and what is allowed. The loss section is che
 `mipo_jax.losses.validate` (or the KTO section for ``objective='unpaired'``).
 """
 
+import math
+
 from mipo_jax.data import LAYOUTS
 from mipo_jax.data.pipeline import eval_plan
 from mipo_jax.losses import check_reference_mode, requirements
@@ -37,7 +39,8 @@ def validate(config) -> None:
         _choice("kto.loss_type", config.kto.loss_type, ("kto", "apo_zero_unpaired"))
     _choice("optim.name", config.optim.name, OPTIMIZERS)
     _choice("optim.schedule", config.optim.schedule, SCHEDULES)
-    _check(config.optim.learning_rate > 0, "optim.learning_rate", config.optim.learning_rate, "> 0")
+    lr = config.optim.learning_rate
+    _check(lr > 0 and math.isfinite(lr), "optim.learning_rate", lr, "finite and > 0")
     _check(config.optim.warmup_steps >= 0, "optim.warmup_steps", config.optim.warmup_steps, ">= 0")
     ratio = config.optim.get("warmup_ratio", 0.0)
     _check(0 <= ratio < 1, "optim.warmup_ratio", ratio, "in [0, 1)")
@@ -49,6 +52,8 @@ def validate(config) -> None:
     _choice("model.compute_dtype", m.compute_dtype, DTYPES)
     _choice("model.param_dtype", m.param_dtype, DTYPES)
     _choice("model.remat", m.remat, REMAT_POLICIES)
+    if init == "random":
+        _check_model_sizes(m)
     _choice("data.layout", config.data.layout, LAYOUTS)
     _choice("reference.mode", config.reference.mode, REFERENCE_MODES)
     t = config.train
@@ -72,10 +77,30 @@ def validate(config) -> None:
     _check(config.checkpoint.keep >= 1, "checkpoint.keep", config.checkpoint.keep, ">= 1")
     if t.eval_batches > 0:
         eval_plan(config.data, "eval")  # where evaluation rows come from (nothing is loaded)
+    if config.sft.steps:
+        lr = config.sft.learning_rate
+        _check(lr > 0 and math.isfinite(lr), "sft.learning_rate", lr, "finite and > 0")
     _check_algorithm_state(config)
     adapters.validate(config)  # model.lora
     if "token_weights" in config:
         _check_token_weights(config.token_weights)
+
+
+MODEL_SIZES = ("hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads",
+               "head_dim", "max_position_embeddings")  # fmt: skip
+
+
+def _check_model_sizes(m) -> None:
+    """A random model's sizes (an HF folder's are checked by `ModelConfig` when read)."""
+    for key in MODEL_SIZES:
+        _check(m[key] >= 1, f"model.{key}", m[key], ">= 1")
+    _check(m.vocab_size >= 0, "model.vocab_size", m.vocab_size, ">= 0 (0: the tokenizer's size)")
+    _check(
+        m.num_heads % m.num_kv_heads == 0,
+        "model.num_kv_heads",
+        m.num_kv_heads,
+        f"must divide model.num_heads={m.num_heads}",
+    )
 
 
 def _check_token_weights(tw) -> None:
@@ -141,9 +166,63 @@ def _check_algorithm_state(config) -> None:
 
 
 def validate_runtime(config, process_count: int) -> None:
-    """Checks that need the (initialised) runtime."""
+    """Checks that need the (initialised) runtime: before data, models or compilation."""
     if "rounds" in config and config.batch_size % process_count:
         raise ValueError(
             f"batch_size={config.batch_size}: DICE/SPIN's round pairs are padded batches whose "
             f"examples split evenly over the processes; use a multiple of {process_count}"
         )
+    import jax
+
+    check_batch_split(config, jax.device_count(), process_count)
+
+
+def mesh_sizes(config, device_count: int) -> tuple[int, int, int]:
+    """The mesh's (data, fsdp, tensor) sizes as `mipo_jax.train.setup.mesh_of` builds it."""
+    from mipo_jax.sharding.mesh import fill_sizes
+
+    sizes = (config.mesh.data, config.mesh.fsdp, config.mesh.tensor)
+    n = math.prod(sizes)
+    try:
+        return fill_sizes(sizes, device_count if -1 in sizes or n >= device_count else n)
+    except ValueError as e:
+        raise ValueError(
+            f"mesh.data={sizes[0]}, mesh.fsdp={sizes[1]}, mesh.tensor={sizes[2]} on "
+            f"{device_count} devices: {e}"
+        ) from None
+
+
+def check_batch_split(config, device_count: int, process_count: int) -> None:
+    """Every batch the run shards over the data-parallel devices (data x fsdp) must split
+    evenly: the train and eval batches, and the reference cache's and the exact task
+    evaluation's scoring batches when those run."""
+    data, fsdp, _ = mesh_sizes(config, device_count)
+    dp = data * fsdp
+    where = f"the {dp} data-parallel devices (mesh.data={data} x mesh.fsdp={fsdp})"
+    fix = f"use a multiple of {dp}, or mesh sizes whose data x fsdp divides it"
+    if config.data.layout == "padded":
+        key, groups = "batch_size", config.batch_size
+    else:  # packed layouts: data.groups per process and step
+        key, groups = "data.groups", config.data.groups * process_count
+    if groups % dp:
+        value = config.batch_size if key == "batch_size" else config.data.groups
+        raise ValueError(
+            f"{key}={value}: the {groups} groups of a step do not split over {where}; {fix}"
+        )
+    if config.reference.mode == "cached" and config.reference.batch_size % dp:
+        raise ValueError(
+            f"reference.batch_size={config.reference.batch_size} (the reference cache's "
+            f"scoring batch) does not split over {where}; {fix}"
+        )
+    import inspect
+
+    from mipo_jax.train import task_eval
+
+    if config.train.task_eval_prompts and config.data.source in task_eval.TASKS:
+        rows = inspect.signature(task_eval.TaskEval).parameters["batch_size"].default
+        if rows % dp:
+            raise ValueError(
+                f"the exact task evaluation scores {rows} rows at a time, which do not split "
+                f"over {where}; set train.task_eval_prompts=0 or mesh sizes whose data x "
+                f"fsdp divides {rows}"
+            )

@@ -19,21 +19,25 @@ import os
 import time
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from mipo_jax import stopping
 from mipo_jax.checkpoint import Checkpointer, PreemptionGuard
 from mipo_jax.train import state as st
 from mipo_jax.train.data import to_device
 from mipo_jax.train.evaluation import values
 from mipo_jax.train.setup import Run, build
+from mipo_jax.train.step import all_finite
 from mipo_jax.train.writer import MetricWriter, plot
 
 log = logging.getLogger("mipo_jax.train")
 
 
 class NonFiniteError(RuntimeError):
-    """Too many non-finite steps in a row; the last saved checkpoint is intact."""
+    """Too many non-finite steps in a row; the message names the last checkpoint saved
+    before them (no checkpoint is saved during a run of non-finite steps)."""
 
 
 class Hooks:
@@ -56,7 +60,8 @@ def train(config, workdir: str, **build_args) -> dict:
     """Train as configured; returns (and writes) a summary of the run.
 
     ``build_args`` (``init``, ``token_models``, ``train_data``, ``eval_data``): see
-    `mipo_jax.train.setup.build`.
+    `mipo_jax.train.setup.build`. A SIGTERM or SIGINT between steps stops at the next step,
+    saves and returns ``{"stopped": reason, "step": n}`` (`mipo_jax.checkpoint.preemption`).
     """
     t0 = time.time()
     run, state = build(config, workdir, **build_args)
@@ -74,54 +79,105 @@ def _train(run: Run, state, t0: float) -> dict:
         async_save=bool(cfg.checkpoint.async_save),
         config=cfg,
         metadata={"reference": {"mode": cfg.reference.mode, "source": run.reference_source}},
+        restart=bool(cfg.checkpoint.get("restart", False)),
     )
-    restored = ckpt.restore_or_none(st.abstract(state, run.state_shardings))
-    start = 0
-    if restored is not None:
-        state, start = restored.state, int(restored.step)
-        if restored.data_iter:
-            run.source.set_state(restored.data_iter)
-        log.info("resumed from %s at step %d", restored.path, start)
-    writer = MetricWriter(workdir)
-    first_eval = None
-    if start == 0 and run.evaluator.enabled:
-        first_eval = run.evaluator(state)
-        writer.write(0, first_eval, "eval")
-    hooks = Hooks()
-    every = int(cfg.train.eval_every)
-    hooks.add(lambda s, x: s < run.num_steps and writer.write(s, run.evaluator(x), "eval"),
-              every=every)  # fmt: skip
-    hooks.add(lambda s, x: ckpt.save(s, x, data_iter=run.source.get_state()))
-    bar = _progress(cfg, start, run.num_steps)
-    pending, step, clock = None, start, _Throughput()
-    stopped = False
-    with ckpt, PreemptionGuard() as guard:
+    # The guard is entered first, so a signal while the checkpointer closes only sets a flag.
+    with PreemptionGuard() as guard, ckpt:
+        restored = ckpt.restore_or_none(st.abstract(state, run.state_shardings))
+        start = 0
+        if restored is not None:
+            state, start = restored.state, int(restored.step)
+            if restored.data_iter:
+                run.source.set_state(restored.data_iter)
+            log.info("resumed from %s at step %d", restored.path, start)
+        writer = MetricWriter(workdir, start=start, end=run.num_steps)
+        first_eval = None
+        if start == 0 and run.evaluator.enabled:
+            first_eval = run.evaluator(state)
+            writer.write(0, first_eval, "eval")
+        if jax.process_count() == 1 and guard.requested:  # before the first step: no save
+            writer.close()
+            log.warning("stopped (%s) before step %d; nothing new to save", guard.reason, start)
+            return {"stopped": guard.reason, "step": start}
+        reporter = _Reporter(run, writer, _progress(cfg, start, run.num_steps))
+        saver = _Saver(ckpt, run)
+        hooks = Hooks()
+        every = int(cfg.train.eval_every)
+        hooks.add(lambda s, x: s < run.num_steps and writer.write(s, run.evaluator(x), "eval"),
+                  every=every)  # fmt: skip
+        hooks.add(lambda s, x: ckpt.should_save(s) and saver.save(s, x, before=reporter.flush))
+        step, stopped = start, False
         for step in range(start, run.num_steps):
             host = run.source.next(step, state)
             for transform in run.transforms:
                 host = transform(host, state, step)
             state, metrics = run.step_fn(state, to_device(host, run.batch_sharding), run.reference)
-            if pending is not None:
-                _report(run, writer, bar, pending, clock)
-            pending = (step + 1, metrics, int(np.sum(np.asarray(host["segment_ids"]) > 0)))
+            reporter.push(step + 1, metrics, int(np.sum(np.asarray(host["segment_ids"]) > 0)))
+            if reporter.nonfinite_run >= cfg.train.max_nonfinite:
+                raise NonFiniteError(_nonfinite_message(run, ckpt, state, reporter))
             hooks.run(step + 1, state)
             if guard.should_stop(step + 1):
                 stopped = True
                 break
-        if pending is not None:
-            _report(run, writer, bar, pending, clock)
+        reporter.flush()
+        if reporter.nonfinite_run >= cfg.train.max_nonfinite:
+            raise NonFiniteError(_nonfinite_message(run, ckpt, state, reporter))
         last = step + 1 if run.num_steps > start else start
-        ckpt.save(last, state, data_iter=run.source.get_state(), force=True, wait=True)
-    if bar is not None:
-        bar.close()
+        saver.save(last, state, force=True, wait=True)
+        reporter.close()
+        stopped = stopped or (jax.process_count() == 1 and guard.requested)
     if stopped:
-        log.warning("stopped by SIGTERM at step %d; checkpoint saved, exiting cleanly", step + 1)
+        log.warning("stopped (%s) at step %d; checkpoint saved, exiting cleanly", guard.reason,
+                    last)  # fmt: skip
         writer.close()
-        return {"stopped": "preempted", "step": step + 1}
+        return {"stopped": guard.reason, "step": last}
+    stopping.check()  # outside the steps, a signal raises (`mipo_jax.stopping.job_signals`)
     final = run.evaluator(state)
     writer.write(run.num_steps, final, "eval")
     writer.close()
     return _finish(run, state, first_eval, final, time.time() - t0)
+
+
+class _Saver:
+    """Checkpoints only states whose last step was finite (no run of non-finite steps is
+    saved: such a state holds the same parameters as the one before the run, and its
+    counter would come back on resume) and whose values are all finite."""
+
+    def __init__(self, ckpt: Checkpointer, run: Run):
+        self.ckpt, self.run = ckpt, run
+        self._ok = jax.jit(lambda x: (x.nonfinite == 0) & all_finite((x.params, x.aux)))
+
+    def save(self, step: int, state, *, force=False, wait=False, before=None) -> bool:
+        if not bool(self._ok(state)):
+            log.warning("step %d: not saving a checkpoint (its last step was skipped as "
+                        "non-finite)", step)  # fmt: skip
+            if wait:
+                self.ckpt.wait_until_finished()
+            return False
+        if before is not None:
+            before()
+        data_iter = self.run.source.get_state()
+        return self.ckpt.save(step, state, data_iter=data_iter, force=force, wait=wait)
+
+
+def _nonfinite_message(run: Run, ckpt: Checkpointer, state, reporter) -> str:
+    n, end = reporter.nonfinite_run, reporter.last_step
+    first = end - n + 1
+    ckpt.wait_until_finished()
+    saved = [s for s in ckpt.complete_steps() if s < first]
+    where = os.path.join(run.workdir, "checkpoints")
+    if saved:
+        last = f"The last checkpoint is step {saved[-1]} ({where}/{saved[-1]}), from before them"
+    else:
+        last = f"No checkpoint was saved before them (checkpoint.every={ckpt.save_every})"
+    largest = max(float(jnp.max(jnp.abs(x))) for x in jax.tree.leaves(state.params))
+    return (
+        f"{n} non-finite steps in a row (loss, gradient or updated parameters NaN/Inf), steps "
+        f"{first}-{end}; stopping. Those steps were skipped (parameters and optimiser state "
+        f"left as they were; largest |parameter| now {largest:.3g}) and no checkpoint is "
+        f"saved during non-finite steps. {last}. Lower the learning rate, check the data for "
+        "empty completions, or use float32 compute."
+    )
 
 
 def _progress(cfg, start, total):
@@ -154,26 +210,42 @@ class _Throughput:
         return {"steps_per_sec": self.steps / dt, "tokens_per_sec": self.tokens / dt}
 
 
-def _report(run: Run, writer, bar, pending, clock: _Throughput):
-    """Fetch a finished step's metrics (one step behind dispatch), log them, guard NaNs."""
-    step, metrics, tokens = pending
-    vals = values(metrics)
-    vals.update(clock.update(tokens))
-    cfg = run.config.train
-    if cfg.log_every and step % cfg.log_every == 0:
-        writer.write(step, vals)
-    if bar is not None:
-        bar.update(1)
-        acc = vals.get("rewards/accuracies", 0.0)
-        tok_s = vals.get("tokens_per_sec", 0.0)
-        bar.set_postfix(loss=f"{vals['loss']:.4f}", acc=f"{acc:.2f}", tok_s=f"{tok_s:,.0f}")
-    if vals["nonfinite"] >= cfg.max_nonfinite:
-        raise NonFiniteError(
-            f"{int(vals['nonfinite'])} non-finite steps in a row (loss or gradient NaN/Inf) at "
-            f"step {step}; stopping. Parameters were not updated by those steps and the last "
-            f"saved checkpoint under {run.workdir}/checkpoints is intact. Lower the learning "
-            "rate, check the data for empty completions, or use float32 compute."
-        )
+class _Reporter:
+    """Logs each step's metrics one step behind dispatch (the host never waits on the step
+    it just dispatched), except before a checkpoint: ``flush`` writes the pending row, so a
+    checkpoint's step always has its row in ``metrics.jsonl`` (a resume rewrites none)."""
+
+    def __init__(self, run: Run, writer, bar):
+        self.run, self.writer, self.bar = run, writer, bar
+        self.clock = _Throughput()
+        self.pending = None
+        self.nonfinite_run, self.last_step = 0, 0
+
+    def push(self, step: int, metrics, tokens: int) -> None:
+        self.flush()
+        self.pending = (step, metrics, tokens)
+
+    def flush(self) -> None:
+        if self.pending is None:
+            return
+        step, metrics, tokens = self.pending
+        self.pending = None
+        vals = values(metrics)
+        vals.update(self.clock.update(tokens))
+        cfg = self.run.config.train
+        if cfg.log_every and step % cfg.log_every == 0:
+            self.writer.write(step, vals)
+        if self.bar is not None:
+            self.bar.update(1)
+            acc = vals.get("rewards/accuracies", 0.0)
+            tok_s = vals.get("tokens_per_sec", 0.0)
+            self.bar.set_postfix(loss=f"{vals['loss']:.4f}", acc=f"{acc:.2f}",
+                                 tok_s=f"{tok_s:,.0f}")  # fmt: skip
+        self.nonfinite_run, self.last_step = int(vals["nonfinite"]), step
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
 
 
 def _finish(run: Run, state, first_eval, final, seconds) -> dict:
@@ -203,7 +275,9 @@ def _finish(run: Run, state, first_eval, final, seconds) -> dict:
         "export": export,
         "plot": png,
     }
-    if jax.process_index() == 0:
-        with open(os.path.join(workdir, "summary.json"), "w") as f:
+    if jax.process_index() == 0:  # atomically: its presence marks a finished stage
+        path = os.path.join(workdir, "summary.json")
+        with open(path + ".tmp", "w") as f:
             json.dump(summary, f, indent=2)
+        os.replace(path + ".tmp", path)
     return summary

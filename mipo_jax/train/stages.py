@@ -12,8 +12,11 @@
 3. the main run, in ``<workdir>``.
 
 Every stage checkpoints and resumes on its own: running the same command again skips the
-finished stages (their ``summary.json`` exists) and resumes the interrupted one. A stage
-stopped by SIGTERM stops the job; its summary says which stage.
+finished stages (their ``summary.json`` exists) and resumes the interrupted one. SIGTERM or
+SIGINT stops the job in any stage (`mipo_jax.stopping`): between steps the stage saves a
+checkpoint first; elsewhere (start-up, evaluation, export) there is nothing new to save. The
+summary then says ``stopped`` (``preempted`` or ``interrupted``), the ``stage`` and the
+``step`` (None outside the steps).
 """
 
 import logging
@@ -26,6 +29,7 @@ import numpy as np
 
 from mipo_jax.data.tasks import sentiment
 from mipo_jax.losses import loss_config
+from mipo_jax.stopping import check, job_signals
 from mipo_jax.train import loop, modules, setup, task_eval
 from mipo_jax.train import token_weights as tw
 from mipo_jax.train.data import StepData, tokenizer_spec
@@ -35,29 +39,61 @@ log = logging.getLogger("mipo_jax.train")
 
 def run(config, workdir: str, *, train_data=None, eval_data=None) -> dict:
     """Every stage the config asks for, then the main run; returns the main run's summary
-    (plus ``stages``: where each earlier stage lives), or a ``stopped`` summary.
+    (plus ``stages``: where each earlier stage lives), or after SIGTERM a ``stopped``
+    summary. After SIGINT (Ctrl-C) it saves the same way, then raises ``KeyboardInterrupt``
+    (as Python code interrupted by Ctrl-C does; its ``summary`` attribute is that summary).
 
     ``train_data``/``eval_data``: in-memory data instead of ``data.source``/``eval_source``
     (`mipo_jax.train.setup.build`).
     """
     data = dict(train_data=train_data, eval_data=eval_data)
+    where = {"stage": "main"}
+    with job_signals() as stop_of:
+        try:
+            summary = _run(config, workdir, where, data)
+        except BaseException as error:
+            stop = stop_of(error)
+            if stop is None:
+                raise
+            log.warning(
+                "stopped (%s) in the %s stage outside its training steps (start-up, evaluation "
+                "or export): nothing new to save; run the same command again to continue",
+                stop, where["stage"],
+            )  # fmt: skip
+            summary = {"stopped": stop.reason, "stage": where["stage"], "step": None}
+    if summary.get("stopped") == "interrupted":
+        interrupt = KeyboardInterrupt(f"stopped by SIGINT: {summary}")
+        interrupt.summary = summary
+        raise interrupt
+    return summary
+
+
+def _run(config, workdir: str, where: dict, data: dict) -> dict:
     stages: dict[str, dict] = {}
     init = None
     if config.sft.steps:
-        done = sft_stage(config, workdir, train_data=train_data)
+        where["stage"] = "sft"
+        check()
+        done = sft_stage(config, workdir, train_data=data["train_data"])
         if done.get("stopped"):
             return {**done, "stage": "sft"}
         init = f"hf:{done['export']}"
         stages["sft"] = {"workdir": sft_dir(workdir), "export": done["export"]}
     token_models = None
     if "token_weights" in config and config.token_weights.transform != "binary":
-        done = contrastive_stage(config, init, train_data=train_data)
+        where["stage"] = "tisdpo"
+        check()
+        done = contrastive_stage(config, init, where, train_data=data["train_data"])
         if done.get("stopped"):
             return done
         token_models = done["folders"]
         stages["tisdpo"] = done
+    where["stage"] = "main"
+    check()  # a signal Python ignored (`mipo_jax.stopping.take_pending`) stops here
     summary = loop.train(config, workdir, init=init, token_models=token_models, **data)
-    if stages and not summary.get("stopped"):
+    if summary.get("stopped"):
+        return {**summary, "stage": "main"}
+    if stages:
         summary["stages"] = stages
         summary["sft_export"] = stages.get("sft", {}).get("export")
     return summary
@@ -133,8 +169,10 @@ def sft_stage(config, workdir: str, *, train_data=None) -> dict:
 # ---- TIS-DPO's contrastive models --------------------------------------------------------
 
 
-def contrastive_stage(config, init: str | None, *, train_data=None) -> dict:
-    """π⁺ and π⁻: ``{"folders": (positive, negative), ...}`` or a ``stopped`` summary."""
+def contrastive_stage(config, init: str | None, where: dict | None = None, *, train_data=None):
+    """π⁺ and π⁻: ``{"folders": (positive, negative), ...}`` or a ``stopped`` summary
+    (``where["stage"]`` names the run in progress)."""
+    where = {} if where is None else where
     t = config.token_weights
     if t.source == "folders":
         return {"folders": (t.positive, t.negative)}
@@ -147,6 +185,7 @@ def contrastive_stage(config, init: str | None, *, train_data=None) -> dict:
     folders, trained = [], []
     for side, sub in zip(tw.SIDES, subs, strict=True):
         workdir = os.path.join(root, side)
+        where["stage"] = f"tisdpo-{side}"
         if os.path.exists(os.path.join(workdir, "summary.json")):
             log.info("TIS-DPO %s model: cache hit %s", side, workdir)
         else:

@@ -195,17 +195,27 @@ def _synced(reference, policy, step, spec: StepSpec):
     return jax.tree.map(lambda m, r: jnp.where(do, m, r), mixed, reference)
 
 
+def all_finite(tree) -> jax.Array:
+    """True when every floating-point value in ``tree`` is finite (a scalar bool array)."""
+    leaves = [x for x in jax.tree.leaves(tree) if jnp.issubdtype(x.dtype, jnp.inexact)]
+    if not leaves:
+        return jnp.asarray(True)
+    return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves]))
+
+
 def train_step(state: TrainState, batch: dict, ref_params, *, spec: StepSpec):
-    """One optimiser step; a non-finite loss or gradient leaves params and optimiser as is."""
+    """One optimiser step. A step whose loss, gradient or updated parameters are not all
+    finite is skipped: parameters and optimiser state stay as they were, ``nonfinite``
+    (consecutive) and ``skipped`` (all) count it."""
     rng, key = jax.random.split(jax.random.wrap_key_data(state.rng))
     aux = dict(state.aux)
     if "reference" in aux:
         ref_params = aux["reference"] = _moving_reference(state, spec)
     loss, grads, metrics = _grads(state.params, ref_params, batch, key, spec)
     grad_norm = optax.tree.norm(grads)
-    ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
     updates, opt_state = spec.tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
+    ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & all_finite(params)
     keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, old)
     nonfinite = jnp.where(ok, 0, state.nonfinite + 1)
     skipped = state.skipped + (~ok).astype(jnp.int32)

@@ -121,7 +121,7 @@ def contrastive_config(config, side: str, steps: int) -> mlc.ConfigDict:
 # weights enter the key as hashes of their own)
 _VOLATILE = {
     "train": ("progress", "log_every"),
-    "checkpoint": ("every", "keep", "async_save"),
+    "checkpoint": ("every", "keep", "async_save", "restart"),
     "reference": ("cache_dir", "batch_size"),
     "model": ("init",),
     "data": ("source", "split", "name", "revision", "tokenizer"),

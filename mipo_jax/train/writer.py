@@ -5,14 +5,24 @@ Only process 0 writes. ``metrics.jsonl`` has one object per logged step,
 and their metrics carry TRL's ``eval_`` prefix (``eval_loss``, ``eval_rewards/margins``, the
 exact task metrics as ``eval_true/reward``), in metrics.jsonl and TensorBoard alike;
 TensorBoard event files go to ``<workdir>/tensorboard``; `plot` draws the main curves.
+
+A run that resumes from step s keeps the rows it will not write again and moves the others
+(every row after s, the eval row at s when s is the first or last step, and a line torn by
+a crash mid-write) to ``metrics.dropped.jsonl`` next to it, so ``metrics.jsonl`` holds each
+row once; TensorBoard is told to purge its events from the same step on. Readers skip lines
+that do not parse.
 """
 
 import json
+import logging
 import math
 import os
 import time
 
 import jax
+
+log = logging.getLogger("mipo_jax.train")
+DROPPED = "metrics.dropped.jsonl"
 
 MAIN_CURVES = (
     "loss",
@@ -25,16 +35,26 @@ MAIN_CURVES = (
 
 
 class MetricWriter:
-    def __init__(self, workdir: str, *, tensorboard: bool = True):
+    """Appends rows to ``<workdir>/metrics.jsonl`` and TensorBoard (process 0 only).
+
+    ``start``: the step the run starts from (0, or a restored checkpoint's step), and
+    ``end`` its last step: rows the run will write again are moved aside first (`rewind`).
+    """
+
+    def __init__(
+        self, workdir: str, *, tensorboard: bool = True, start: int = 0, end: int | None = None
+    ):
         self.enabled = jax.process_index() == 0
         self.path = os.path.join(workdir, "metrics.jsonl")
         self._tb = None
         if self.enabled:
             os.makedirs(workdir, exist_ok=True)
+            rewind(self.path, start, end)
             if tensorboard:
                 from tensorboardX import SummaryWriter
 
-                self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+                purge = start if start in (0, end) else start + 1
+                self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"), purge_step=purge)
 
     def write(self, step: int, values: dict[str, float], split: str = "train") -> None:
         if not self.enabled or not values:
@@ -63,9 +83,65 @@ def _finite_or_str(v: float):
     return v if math.isfinite(v) else str(v)
 
 
+def _row(line: bytes) -> dict | None:
+    """The row a complete line holds, or None (a torn or otherwise unreadable line)."""
+    if not line.endswith(b"\n"):
+        return None
+    try:
+        row = json.loads(line)
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        return None
+    return row if isinstance(row, dict) and isinstance(row.get("step"), int) else None
+
+
+def superseded(row: dict, start: int, end: int | None) -> bool:
+    """Whether a run starting at ``start`` (and ending at ``end``) writes this row again."""
+    step = row["step"]
+    return step > start or (row.get("split") != "train" and step == start and step in (0, end))
+
+
+def rewind(path: str, start: int, end: int | None = None) -> int:
+    """Move the rows a run starting at ``start`` will write again, and unreadable lines (a
+    line torn by a crash mid-write), from ``path`` to ``metrics.dropped.jsonl`` beside it;
+    returns how many lines moved. The kept rows are rewritten atomically."""
+    if not os.path.exists(path):
+        return 0
+    with open(path, "rb") as f:
+        lines = [line for line in f if line.strip()]
+    keep, moved, torn = [], [], 0
+    for line in lines:
+        row = _row(line)
+        if row is None:
+            torn += 1
+            moved.append(line if line.endswith(b"\n") else line + b"\n")
+        elif superseded(row, start, end):
+            moved.append(line)
+        else:
+            keep.append(line)
+    if not moved:
+        return 0
+    with open(os.path.join(os.path.dirname(path), DROPPED), "ab") as f:
+        f.writelines(moved)  # first, so that a crash in between loses nothing
+    tmp = path + ".tmp"
+    with open(tmp, "wb") as f:
+        f.writelines(keep)
+    os.replace(tmp, path)
+    log.warning(
+        "%s: moved %d rows after step %d (the run resumes there) and %d unreadable line(s) "
+        "to %s", path, len(moved) - torn, start, torn, DROPPED,
+    )  # fmt: skip
+    return len(moved)
+
+
 def read_metrics(path: str) -> list[dict]:
-    with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
+    """The rows of a metrics file; lines that do not parse (a torn last line) are skipped."""
+    with open(path, "rb") as f:
+        lines = [line if line.endswith(b"\n") else line + b"\n" for line in f if line.strip()]
+    rows = [_row(line) for line in lines]
+    bad = sum(r is None for r in rows)
+    if bad:
+        log.warning("%s: skipped %d line(s) that do not parse", path, bad)
+    return [r for r in rows if r is not None]
 
 
 def plot(metrics_path: str, png_path: str, curves=MAIN_CURVES) -> str | None:

@@ -1,6 +1,7 @@
 """Checkpointer in one process on the 8 simulated devices: cadence, keep-K, round trips,
 corrupt-latest fallback, resume order, preemption flag."""
 
+import errno
 import logging
 import os
 import signal
@@ -14,7 +15,15 @@ from flax import nnx
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from mipo_jax.checkpoint import Checkpointer, PreemptionGuard, codec, integrity, restore_path
+from mipo_jax.checkpoint import (
+    Checkpointer,
+    PreemptionGuard,
+    UnusableCheckpoints,
+    codec,
+    integrity,
+    restore_path,
+)
+from mipo_jax.errors import UserError
 from tests import multiprocess_worker as w
 
 MESH_SHAPE = (2, 2, 2)
@@ -167,20 +176,37 @@ def test_corrupt_latest_is_reported_and_previous_used(tmp_path, mesh, step_fn, c
     ckpt.close()
 
 
-def test_only_an_unfinished_checkpoint_means_a_fresh_start(tmp_path, mesh, step_fn, caplog):
-    save_steps(tmp_path, mesh, (1,), step_fn)
-    (tmp_path / "1" / integrity.COMMIT_MARKER).unlink()
-    (tmp_path / "2.orbax-checkpoint-tmp-123").mkdir()
+def test_only_an_unfinished_save_means_a_fresh_start(tmp_path, mesh, caplog):
+    (tmp_path / "2.orbax-checkpoint-tmp-123").mkdir()  # what a save killed midway leaves
     with caplog.at_level(logging.WARNING, logger="mipo_jax.checkpoint"):
         assert Checkpointer(tmp_path, save_every=1).restore_or_none(w.abstract_state(mesh)) is None
-    text = caplog.text
-    assert "2.orbax-checkpoint-tmp-123" in text and "step 1" in text and "commit marker" in text
+    assert "2.orbax-checkpoint-tmp-123" in caplog.text
+
+
+def test_no_usable_checkpoint_refuses_to_start_over_unless_told(tmp_path, mesh, step_fn, caplog):
+    save_steps(tmp_path, mesh, (1, 2), step_fn)
+    for step in (1, 2):
+        (tmp_path / str(step) / integrity.COMMIT_MARKER).unlink()
+    with pytest.raises(UnusableCheckpoints) as err:
+        Checkpointer(tmp_path, save_every=1).restore_or_none(w.abstract_state(mesh))
+    message = str(err.value)
+    assert "holds 2 checkpoint(s) and none restores" in message
+    assert "step 2: no commit marker" in message and "step 1: no commit marker" in message
+    assert "--config.checkpoint.restart=True" in message
+    assert isinstance(err.value, UserError)  # the command: a short message, exit code 2
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["1", "2"]  # nothing moved
+    with caplog.at_level(logging.WARNING, logger="mipo_jax.checkpoint"):
+        restarted = Checkpointer(tmp_path, save_every=1, restart=True)
+        assert restarted.restore_or_none(w.abstract_state(mesh)) is None
+    assert "checkpoint.restart=True" in caplog.text
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["1.corrupt", "2.corrupt"]
+    restarted.close()
 
 
 def test_incompatible_target_raises_instead_of_starting_over(tmp_path, mesh, step_fn):
     save_steps(tmp_path, mesh, (1, 2), step_fn)
     other = {"w": jax.ShapeDtypeStruct((3,), jnp.float32, sharding=NamedSharding(mesh, P()))}
-    with pytest.raises(RuntimeError, match="no checkpoint .* restores"):
+    with pytest.raises(UnusableCheckpoints, match="none restores .* use a new workdir"):
         Checkpointer(tmp_path, save_every=1).restore_or_none(other)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["1", "2"]  # nothing moved aside
 
@@ -210,10 +236,46 @@ def test_as_abstract_requires_shardings():
         codec.as_abstract({"w": jax.ShapeDtypeStruct((2,), jnp.float32)})
 
 
-def test_preemption_guard_turns_sigterm_into_a_flag():
-    before = signal.getsignal(signal.SIGTERM)
+@pytest.mark.parametrize(
+    "signum, reason", [(signal.SIGTERM, "preempted"), (signal.SIGINT, "interrupted")]
+)
+def test_preemption_guard_turns_sigterm_and_sigint_into_a_flag(signum, reason):
+    before = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
     with PreemptionGuard() as guard:
-        assert not guard.should_stop(1)
-        os.kill(os.getpid(), signal.SIGTERM)
-        assert guard.should_stop(2) and guard.signal_number == signal.SIGTERM
-    assert signal.getsignal(signal.SIGTERM) is before
+        assert not guard.should_stop(1) and not guard.requested
+        os.kill(os.getpid(), signum)
+        assert guard.should_stop(2) and guard.signal_number == signum
+        assert guard.requested and guard.reason == reason
+        os.kill(os.getpid(), signal.SIGTERM)  # a second signal while stopping: ignored
+        assert guard.signal_number == signum
+    assert {s: signal.getsignal(s) for s in before} == before
+
+
+def test_failed_save_names_the_step_and_what_resumes(tmp_path, mesh, step_fn, monkeypatch):
+    from orbax.checkpoint._src.path import atomicity
+
+    from mipo_jax.checkpoint import CheckpointSaveError
+
+    async def full_disk(self):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(self.get()))
+
+    ckpt = Checkpointer(tmp_path, save_every=1, keep=5)
+    state, data = fresh_state(mesh), w.Data()
+    state, _ = step_fn(state, data.next_global(mesh))
+    assert ckpt.save(1, state, data_iter=data.get_state(), wait=True)
+    monkeypatch.setattr(atomicity.AtomicRenameTemporaryPath, "finalize", full_disk)
+    state, _ = step_fn(state, data.next_global(mesh))
+    ckpt.save(2, state, data_iter=data.get_state())  # asynchronous: fails in the background
+    with pytest.raises(CheckpointSaveError) as err:
+        ckpt.wait_until_finished()
+    message = str(err.value)
+    assert "checkpoint of step 2" in message and "the disk is full" in message
+    assert "Newest complete checkpoint: step 1" in message
+    ckpt.close()
+    monkeypatch.undo()  # space is back: a new run resumes from step 1 and saves step 2
+    again = Checkpointer(tmp_path, save_every=1, keep=5)
+    restored = again.restore_or_none(w.abstract_state(mesh))
+    assert restored.step == 1 and restored.data_iter == {"next_batch": 1}
+    assert again.save(2, state, data_iter=data.get_state(), wait=True)
+    assert again.complete_steps() == [1, 2]
+    again.close()

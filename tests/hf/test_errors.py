@@ -96,6 +96,13 @@ def test_bias_tensors_without_config_flag_are_unexpected(llama, tmp_path):
         ({"layer_types": ["sliding_attention", "full_attention"]}, "'layer_types'"),
         ({"quantization_config": {"quant_method": "gptq"}}, "'quantization_config'"),
         ({"num_key_value_heads": 3}, "num_key_value_heads=3"),
+        ({"num_attention_heads": 0}, "'num_attention_heads'=0: expected an integer >= 1"),
+        ({"num_key_value_heads": 0}, "num_kv_heads=0: every model size must be an integer"),
+        ({"hidden_size": -64}, "hidden_size=-64: every model size"),
+        ({"num_hidden_layers": 0}, "num_layers=0: every model size"),
+        ({"vocab_size": 0}, "vocab_size=0: every model size"),
+        ({"head_dim": 0}, "head_dim=0: every model size"),
+        ({"intermediate_size": 2.5}, "intermediate_size=2.5: every model size"),
     ],
 )
 def test_unsupported_config(llama, tmp_path, change, message):
@@ -114,6 +121,8 @@ def test_gpt2_unsupported_keys():
         ModelConfig.from_hf({**base, "scale_attn_by_inverse_layer_idx": True})
     with pytest.raises(UnsupportedConfigError, match="'add_cross_attention'"):
         ModelConfig.from_hf({**base, "add_cross_attention": True})
+    with pytest.raises(UnsupportedConfigError, match="'n_head'=0: expected an integer >= 1"):
+        ModelConfig.from_hf({**base, "n_head": 0})
 
 
 def test_gpt2_legacy_names_and_buffers_load(tmp_path):

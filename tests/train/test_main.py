@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -109,12 +110,26 @@ def test_checkpoint_moves_to_another_mesh(tmp_path, monkeypatch):
 
 def test_nonfinite_steps_stop_the_run(tmp_path):
     config = tiny(max_nonfinite=2, num_steps=8)
-    config.optim.learning_rate = 1e30  # the second update overflows, later losses are NaN
+    # warm-up: step 1 has rate 0; step 2's update gives parameters ~1e30 (finite, ruined),
+    # so step 3's gradient is NaN and every step after it is skipped
+    config.optim.learning_rate = 1e30
     config.checkpoint.every = 1
-    with pytest.raises(loop.NonFiniteError, match="non-finite steps in a row"):
+    with pytest.raises(loop.NonFiniteError) as err:
         loop.train(config, str(tmp_path))
+    message = str(err.value)
+    assert "2 non-finite steps in a row" in message and "steps 3-4" in message
+    assert f"The last checkpoint is step 2 ({tmp_path}/checkpoints/2)" in message
+    largest = re.search(r"largest \|parameter\| now ([0-9.e+]+)\)", message)
+    assert largest and float(largest.group(1)) > 1e29  # what the user needs to see
+    # no checkpoint of a skipped step: its counter would come back on resume
+    assert sorted(os.listdir(tmp_path / "checkpoints")) == ["1", "2"]
     step, state = final_params(str(tmp_path))
+    assert step == 2 and int(state.nonfinite) == 0
     assert all(np.isfinite(x).all() for x in jax.tree.leaves(state.params))
+    config.checkpoint.every = 4  # no checkpoint before the non-finite steps
+    with pytest.raises(loop.NonFiniteError, match="No checkpoint was saved before them"):
+        loop.train(config, str(tmp_path / "none"))
+    assert not os.listdir(tmp_path / "none" / "checkpoints")
 
 
 def test_cached_reference_equals_live_and_hits(tmp_path, caplog):

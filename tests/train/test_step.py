@@ -125,6 +125,22 @@ def test_nonfinite_step_is_skipped_and_counted():
     assert int(state.nonfinite) == 0 and int(state.skipped) == 2 and int(state.step) == 4
 
 
+def test_update_to_nonfinite_parameters_is_skipped():
+    mesh = one_device_mesh()
+    graph, policy, ref, _ = models(mesh)
+    spec = make_spec(graph, frozen(loss_config("reference")), lr=float("inf"))
+    state = st.init_state({"policy": policy}, spec.tx, 0)
+    before = jax.device_get(state.params)
+    step = jax.jit(functools.partial(sp.train_step, spec=spec))
+    state, m = step(state, random_batch(), ref)
+    # loss and gradient are finite (they are computed before the update); the result is not
+    assert np.isfinite(float(m["loss"].value)) and np.isfinite(float(m["grad_norm"].value))
+    assert int(state.nonfinite) == 1 and int(state.skipped) == 1 and int(state.step) == 1
+    for a, b in zip(jax.tree.leaves(before), jax.tree.leaves(jax.device_get(state.params))):
+        np.testing.assert_array_equal(a, b)
+    assert bool(sp.all_finite(state.opt_state))
+
+
 def test_sharded_step_equals_unsharded():
     loss = frozen(loss_config("reference"))
     batch = random_batch()
