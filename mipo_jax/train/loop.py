@@ -191,23 +191,31 @@ def _progress(cfg, start, total):
 
 
 class _Throughput:
-    """Running steps/s and tokens/s since the first fetched step (compilation excluded).
+    """Running steps/s and tokens/s, from the first fetched step on (its compilation is
+    excluded: the clock starts when its metrics arrive).
 
-    Averaging from the first fetch is right whether dispatch is asynchronous (a fetch ends
-    step t) or effectively synchronous, as on CPU (a fetch comes after step t + 1 ran).
+    Rates are measured between *steady* fetches, those made right after the next step was
+    dispatched: their spacing is one step's time whether dispatch is asynchronous (a fetch
+    waits for step t) or effectively synchronous, as on CPU (step t + 1 already ran). Other
+    fetches (before a checkpoint, after the last step) come with no step in between, so they
+    carry the last rates instead of inflating them.
     """
 
     def __init__(self):
-        self.t0, self.steps, self.tokens = None, 0, 0
+        self.t0, self.first, self.tokens, self.last = None, None, 0, {}
 
-    def update(self, tokens: int) -> dict[str, float]:
+    def update(self, step: int, tokens: int, steady: bool = True) -> dict[str, float]:
         now = time.time()
-        if self.t0 is None:
-            self.t0 = now
+        if self.first is None:
+            if steady:
+                self.t0, self.first = now, step
             return {}
-        self.steps, self.tokens = self.steps + 1, self.tokens + tokens
-        dt = max(now - self.t0, 1e-9)
-        return {"steps_per_sec": self.steps / dt, "tokens_per_sec": self.tokens / dt}
+        self.tokens += tokens
+        if steady:
+            dt = max(now - self.t0, 1e-9)
+            self.last = {"steps_per_sec": (step - self.first) / dt,
+                         "tokens_per_sec": self.tokens / dt}  # fmt: skip
+        return dict(self.last)
 
 
 class _Reporter:
@@ -222,16 +230,16 @@ class _Reporter:
         self.nonfinite_run, self.last_step = 0, 0
 
     def push(self, step: int, metrics, tokens: int) -> None:
-        self.flush()
+        self.flush(steady=True)  # the previous step's metrics, right after this dispatch
         self.pending = (step, metrics, tokens)
 
-    def flush(self) -> None:
+    def flush(self, steady: bool = False) -> None:
         if self.pending is None:
             return
         step, metrics, tokens = self.pending
         self.pending = None
         vals = values(metrics)
-        vals.update(self.clock.update(tokens))
+        vals.update(self.clock.update(step, tokens, steady))
         cfg = self.run.config.train
         if cfg.log_every and step % cfg.log_every == 0:
             self.writer.write(step, vals)

@@ -64,3 +64,23 @@ def test_tensorboard_purges_the_steps_a_resumed_run_writes_again(tmp_path, monke
         wr.MetricWriter(str(tmp_path), start=start, end=end)
     # from the first step written again: after a checkpoint, the step-0 eval, the final eval
     assert [m["purge_step"] for m in made] == [5, 0, 10]
+
+
+def test_rates_are_true_from_the_first_rate_and_never_inflated(monkeypatch):
+    """Steps of 2 s: steady fetches give 0.5 steps/s from the first rate on (compilation of
+    step 1 excluded); a fetch with no step since the last one (before a checkpoint, after the
+    last step) keeps the last rate instead of counting a step in ~0 s."""
+    from mipo_jax.train import loop
+
+    now = [100.0]
+    monkeypatch.setattr(loop.time, "time", lambda: now[0])
+    clock = loop._Throughput()
+    assert clock.update(1, 10) == {}  # the first fetch starts the clock
+    now[0] += 2.0
+    assert clock.update(2, 10) == {"steps_per_sec": 0.5, "tokens_per_sec": 5.0}
+    now[0] += 2.0
+    assert clock.update(3, 10)["steps_per_sec"] == 0.5
+    now[0] += 0.01  # step 4 flushed before its checkpoint, right after step 3's fetch
+    assert clock.update(4, 10, steady=False)["steps_per_sec"] == 0.5
+    now[0] += 3.99  # step 5 is next fetched after step 6's dispatch, two steps later
+    assert clock.update(5, 10) == {"steps_per_sec": 0.5, "tokens_per_sec": 5.0}
