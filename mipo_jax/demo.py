@@ -86,6 +86,9 @@ def main(argv):
         from mipo_jax.train import checks
 
         checks.validate(config)
+        from mipo_jax import compile_cache
+
+        compile_cache.enable()  # a second demo skips most of the compiling
         workdir = _WORKDIR.value or os.path.join("runs", time.strftime("demo-%Y%m%d-%H%M%S"))
         from mipo_jax.train import stages
 

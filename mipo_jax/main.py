@@ -62,7 +62,9 @@ def main(argv):
         from mipo_jax.train import checks
 
         checks.validate(config)  # before JAX starts, data loads or anything compiles
-        from mipo_jax import distributed
+        from mipo_jax import compile_cache, distributed
+
+        compile_cache.enable()  # later runs of the same model and shapes skip compiling
 
         distributed.initialize(
             coordinator_address=_COORDINATOR.value,
