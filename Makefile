@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 PIP    := $(VENV)/bin/pip
 
-.PHONY: demo test lint format table bench clean venv venv-dev
+.PHONY: demo test lint format table reproduce clean venv venv-dev
 
 $(VENV)/.runtime: requirements.txt requirements-models.txt
 	$(PYTHON) -m venv $(VENV)
@@ -39,6 +39,12 @@ format: $(VENV)/.dev
 
 table: $(VENV)/.runtime          ## regenerate experiments/mi_dpo_table/table.{md,json}
 	$(PY) -m experiments.mi_dpo_table.run
+
+REPRODUCTIONS := population_optima ipo_vs_dpo joint_prior reward_kl_frontier hdpo_entropy \
+                 length_exploitation
+
+reproduce: $(VENV)/.runtime      ## every full reproduction (experiments/README.md); each <= 20 min
+	set -e; for name in $(REPRODUCTIONS); do $(PY) -m experiments.$$name.run; done
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

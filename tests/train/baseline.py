@@ -1,8 +1,11 @@
 """Behaviour baseline of the trainer: per-step metrics and exported weights of short runs.
 
-Recorded once from the trainer as it was before the train/ redesign and compared bitwise
-after it (`test_baseline.py`): every ``configs/*.py`` at ``:tiny`` (with one eval batch and
-an HF export), ``configs/default.py`` at a short length (SFT stage, periodic and exact task
+Recorded from the trainer as it was before the train/ redesign and compared bitwise after it
+(`test_baseline.py`); re-recorded once after the changes meant to change numbers (TRL's
+``eval_`` prefix, ``logits/*`` and ``scores/*`` metrics, TRL's ``rewards/*`` convention for
+SimPO, ORPO, IPO, sigmoid_norm and f-DPO), with every exported weight file unchanged. It
+covers every ``configs/*.py`` at ``:tiny`` (with one eval batch and an HF export),
+``configs/default.py`` at a short length (SFT stage, periodic and exact task
 evaluation, checkpoints), and a few data/reference modes of DPO.
 
   python -m tests.train.baseline record tests/train/baseline.json   # rewrite (on purpose)
