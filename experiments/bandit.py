@@ -55,7 +55,8 @@ def entropy(p, axis=-1):
 def kl(p, q, axis=-1):
     """KL(p ‖ q) in nats."""
     p, q = np.asarray(p, np.float64), np.asarray(q, np.float64)
-    return np.sum(np.where(p > 0, p * (np.log(np.where(p > 0, p, 1.0)) - np.log(q)), 0.0), axis)
+    with np.errstate(divide="ignore", invalid="ignore"):  # q = 0 only where p = 0
+        return np.sum(np.where(p > 0, p * (np.log(np.where(p > 0, p, 1.0)) - np.log(q)), 0), axis)
 
 
 def gibbs(log_base, r, alpha):
