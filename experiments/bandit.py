@@ -210,6 +210,12 @@ class Minimiser:
             self._vg = jax.jit(jax.value_and_grad(loss))
 
     @_x64
+    def value(self, theta, log_prior) -> float:
+        """The loss at ``theta`` (e.g. log π of a policy found otherwise)."""
+        args = (np.asarray(a, np.float64) for a in (theta, log_prior))
+        return float(self._vg(*(jnp.asarray(a) for a in args))[0])
+
+    @_x64
     def __call__(self, theta0, log_prior, gtol=1e-11):
         shape = np.shape(theta0)
         lp = jnp.asarray(np.asarray(log_prior, np.float64))
@@ -229,20 +235,19 @@ def ba_by_loss(b: Bandit, minimiser: Minimiser, alpha: float, outer: int = 200, 
     """Blahut–Arimoto with the π-step done by minimising the population MI-DPO loss.
 
     Alternate θ ← argmin_θ J_MI-DPO(π_θ; ζ) (BFGS, warm-started) and ζ ← p_π. Returns
-    (π, ζ, outer steps). No closed form is used.
+    (π, ζ = p_π, outer steps, the ζ of the last π-step). No closed form is used.
     """
     zeta = np.full(b.k, 1.0 / b.k)
     theta = np.zeros((b.n_x, b.k))
     steps = 0
     while steps < outer:
         steps += 1
-        theta, _ = minimiser(theta, np.broadcast_to(np.log(zeta), (b.n_x, b.k)))
-        new = marginal(b, softmax(theta))
-        moved = np.max(np.abs(new - zeta))
-        zeta = new
-        if moved < tol:
+        used = zeta
+        theta, _ = minimiser(theta, np.broadcast_to(np.log(used), (b.n_x, b.k)))
+        zeta = marginal(b, softmax(theta))
+        if np.max(np.abs(zeta - used)) < tol:
             break
-    return softmax(theta), zeta, steps
+    return softmax(theta), zeta, steps, used
 
 
 # ---- gradient-descent trajectories ---------------------------------------------------------
