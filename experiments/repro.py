@@ -53,9 +53,10 @@ def write(args, results: dict) -> str:
     results = dict(results, quick=bool(args.quick), seeds=int(args.seeds),
                    seconds=round(time.time() - args.start, 1))  # fmt: skip
     path = os.path.join(args.out, "results.json")
+    text = json.dumps(results, indent=1, default=_plain)
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     with open(path, "w") as f:
-        json.dump(results, f, indent=1, default=_plain)
-        f.write("\n")
+        f.write(text.replace(root + os.sep, "") + "\n")  # paths relative to the repository
     return path
 
 

@@ -94,6 +94,38 @@ def bandit_table(runs, taus) -> list[dict]:
 # ---- tiny LM ------------------------------------------------------------------------------
 
 
+def ipo_margin_ratio(ref_logp, r) -> float:
+    """Mean margin of IPO's population minimiser over deterministic pairs, in units of 1/(2τ).
+
+    Pairs (y_1, y_2) ~ π_ref², ties dropped, the higher reward chosen. With a free
+    log π/π_ref = f(y), IPO minimises E[(f(y_w) − f(y_l) − c)²]: a weighted least-squares fit
+    whose solution depends on y only through r(y) (the normal equations of any response
+    involve the others only through their reward levels), so it is solved on the levels.
+    Isolated pairs would give exactly c; overlapping comparisons give a mean below it.
+    """
+    p = np.exp(np.asarray(ref_logp, np.float64))
+    levels = np.unique(r)
+    w_level = np.array([p[r == v].sum() for v in levels])
+    rows, weights = [], []
+    for i in range(len(levels)):
+        for j in range(i):
+            row = np.zeros(len(levels))
+            row[i], row[j] = 1.0, -1.0
+            rows.append(row)
+            weights.append(w_level[i] * w_level[j])
+    a, w = np.array(rows), np.array(weights)
+    f = np.linalg.lstsq(a * np.sqrt(w)[:, None], np.sqrt(w), rcond=None)[0]  # target c = 1
+    return float(w @ (a @ f) / w.sum())
+
+
+def predicted_lm_ratio() -> float:
+    """`ipo_margin_ratio` of the controlled task, averaged over the prompt's last word."""
+    from mipo_jax.data.tasks import sentiment
+
+    ratios = [ipo_margin_ratio(*sentiment.tables("controlled", (w,))) for w in range(8)]
+    return float(np.mean(ratios))
+
+
 def lm_runs(args, tau: float, steps: int, lr: float) -> list[dict]:
     seeds = list(range(args.seeds))
     inits = {s: "random" for s in seeds}
@@ -183,6 +215,8 @@ def plot(bandit, lm_out, taus, path):
         b.plot(steps, m, color=color, label=f"{alg.upper()} (τ=β={tau:g}), {len(rs)} seeds")
         b.fill_between(steps, m - s, m + s, color=color, alpha=0.2)
     b.axhline(0.5 / tau, color="k", lw=0.8, ls=":", label="1/(2τ)")
+    b.axhline(predicted_lm_ratio() * 0.5 / tau, color="C2", lw=0.8, ls="--",
+              label="IPO population minimiser (exact)")  # fmt: skip
     b.set_xlabel("training step")
     b.set_ylabel("per-token h on the training batch (10-step mean)")
     b.set_title("Tiny LM, controlled task, deterministic labels", fontsize=10)
@@ -199,16 +233,19 @@ def main(argv=None):
     lm_tau = 0.25
     lm_out = lm_runs(args, lm_tau, steps=60 if args.quick else 150, lr=2e-3)
     btable, ltable = bandit_table(bandit, taus), lm_table(lm_out)
+    predicted = predicted_lm_ratio()
     png = plot(bandit, lm_out, taus, os.path.join(args.out, f"{NAME}.png"))
     path = repro.write(
         args,
         dict(name=NAME, bandit_table=btable, lm_table=ltable, bandit_runs=bandit, lm_runs=lm_out,
+             lm_ipo_predicted_ratio=predicted,
              setup=dict(bandit_taus=taus, bandit_lr=0.1, lm_tau=lm_tau,
                         completion_tokens=COMPLETION_TOKENS),
              plot=os.path.basename(png)),
     )  # fmt: skip
     for r in btable + ltable:
         print(r["alg"], r["tau"], "h/target", repro.pm(r["h_over_target"]))
+    print(f"IPO population minimiser on the LM's pairs: mean h = {predicted:.4f} / (2τ)")
     print(f"wrote {path} and {png}")
     return path
 

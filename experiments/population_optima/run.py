@@ -44,7 +44,7 @@ def one_seed(seed: int, alphas, curve_alphas) -> dict:
         theta, loss_mi = minimise(zeros, np.broadcast_to(np.log(zeta_fixed), (N_X, K)))
         pi_mi, star_mi = B.softmax(theta), B.gibbs(np.log(zeta_fixed)[None], b.r, alpha)
         pi_alt, zeta_alt, outer, _ = B.ba_by_loss(b, minimise, alpha, outer=OUTER)
-        pi_ba, zeta_ba, _ = B.blahut_arimoto(b, alpha)
+        pi_ba, zeta_ba, closed_steps = B.blahut_arimoto(b, alpha)
         _, zeta_same, _ = B.blahut_arimoto(b, alpha, iters=outer, tol=0.0)  # as many steps
         rate = float(np.sum(b.rho * B.kl(pi_ba, zeta_ba[None])))
         rows.append(
@@ -57,6 +57,7 @@ def one_seed(seed: int, alphas, curve_alphas) -> dict:
                 ba_loss_max_abs_pi=float(np.max(np.abs(pi_alt - pi_ba))),
                 ba_loss_max_abs_zeta=float(np.max(np.abs(zeta_alt - zeta_ba))),
                 ba_loss_outer_steps=outer,
+                ba_closed_form_steps=closed_steps,
                 ba_loss_same_steps_max_abs_zeta=float(np.max(np.abs(zeta_alt - zeta_same))),
                 ba_rate_minus_mi=rate - B.mutual_information(b, pi_ba),
                 ba_reward=B.expected_reward(b, pi_ba),
@@ -98,7 +99,7 @@ def summarise(per_seed, alphas) -> list[dict]:
     table = []
     for i, alpha in enumerate(alphas):
         row = {"alpha": alpha}
-        for key, _ in COLUMNS + (("ba_loss_outer_steps", ""),):
+        for key, _ in COLUMNS + (("ba_loss_outer_steps", ""), ("ba_closed_form_steps", "")):
             row[key] = repro.mean_std([s["rows"][i][key] for s in per_seed])
         table.append(row)
     return table

@@ -7,6 +7,8 @@ of the objective it solves (scipy L-BFGS-B with finite differences over the logi
 only), and the population DPO loss written out pair by pair.
 """
 
+import itertools
+
 import jax
 import numpy as np
 import pytest
@@ -135,3 +137,28 @@ def test_bayes_risk_and_population_loss_through_mipo_loss(bandit):
         for pi in (star, other):
             ours = float(loss(np.log(pi), np.log(b.ref)))
             assert abs(ours - numpy_loss(pi)) < 1e-13
+
+
+def test_ipo_margin_ratio_matches_least_squares_over_every_completion():
+    """`ipo_vs_dpo.ipo_margin_ratio` solves IPO's population problem on reward levels; here the
+    same least squares over every single completion (3-word completions of the controlled
+    task's Markov chain, 512 of them), from its normal equations."""
+    from experiments.ipo_vs_dpo.run import ipo_margin_ratio
+    from mipo_jax.data.tasks import sentiment as S
+
+    m = S.transition()
+    ys = list(itertools.product(range(8), repeat=3))
+    for last in (0, 5):
+        p = np.array([m[last, y[0]] * m[y[0], y[1]] * m[y[1], y[2]] for y in ys])
+        r = np.array([S.SENTIMENT[list(y)].sum() for y in ys])
+        above = (r[:, None] > r[None, :]).astype(float)  # i chosen over j
+        w = p[:, None] * p[None, :] * (above + above.T)  # every untied pair, either order
+        lap = np.diag(w.sum(1)) - w
+        rhs = (p[:, None] * p[None, :] * (above - above.T)).sum(1)  # target c = 1
+        f = np.linalg.lstsq(lap, rhs, rcond=None)[0]
+        h = f[:, None] - f[None, :]
+        brute = np.sum(p[:, None] * p[None, :] * above * h) / np.sum(
+            p[:, None] * p[None, :] * above
+        )
+        assert abs(brute - ipo_margin_ratio(np.log(p), r)) < 1e-10
+        assert 0.5 < brute < 1.0  # overlapping comparisons: below the isolated-pair 1/(2τ)
