@@ -157,7 +157,8 @@ def lm_runs(args, tau: float, steps: int, lr: float) -> list[dict]:
             margin = curve["scores/margins"] if alg == "ipo" else curve["rewards/margins"]
             h = margin / tau / (1 if alg == "ipo" else COMPLETION_TOKENS)
             if alg == "ipo":  # |y| check: Σρ / mean ρ of the same pairs
-                ratio = curve["rewards/margins"][1:] / curve["scores/margins"][1:]
+                moved = np.abs(curve["scores/margins"]) > 1e-3  # not the steps at π = π_ref
+                ratio = curve["rewards/margins"][moved] / curve["scores/margins"][moved]
                 assert np.allclose(ratio, COMPLETION_TOKENS, rtol=1e-3), ratio[:5]
             tail = slice(int(0.8 * len(h)), None)
             out.append(

@@ -85,6 +85,7 @@ COLUMNS = (
     ("dpo_max_abs", "DPO: max|π − π_ref e^{r/α}/Z|"),
     ("dpo_loss_minus_bayes_risk", "DPO: L_min − Bayes risk"),
     ("midpo_fixed_max_abs", "MI-DPO fixed ζ: max|π − ζ e^{r/α}/Z|"),
+    ("midpo_fixed_loss_minus_bayes_risk", "MI-DPO fixed ζ: L_min − Bayes risk"),
     ("ba_loss_max_abs_pi", "BA through the loss: max|π − π_BA|"),
     ("ba_loss_max_abs_zeta", "BA through the loss: max|ζ − ζ_BA|"),
     (
