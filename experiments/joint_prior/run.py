@@ -205,6 +205,8 @@ def plot(rows, lm_out, baselines, alpha, path):
         b.errorbar(kl.mean(), rew.mean(), xerr=kl.std(), yerr=rew.std(), fmt=MARKERS[key],
                    color=f"C{[*METHODS].index(key)}", ms=9, capsize=3,
                    label=f"{METHODS[key]} ({len(rs)} seeds)")  # fmt: skip
+    b.plot(baselines["optimum_kl"], baselines["optimum_reward"], "P", color="0.4", ms=9,
+           label="π_ref e^{r/α}/Z, task's π_ref (KL-optimal)")  # fmt: skip
     b.axhline(baselines["mi_optimum_reward"], color="k", ls=":", lw=0.8,
               label="MI-optimal E[r] (r is prompt-free: argmax)")  # fmt: skip
     b.set_xlabel(f"KL(π ‖ π_ref), exact over {EVAL_PROMPTS} held-out prompts")
