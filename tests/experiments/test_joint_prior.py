@@ -1,6 +1,6 @@
 """experiments/joint_prior: every prior reaches the same loss minimum (the Bayes risk); only
 the mutual-information objective ranks them, and only Blahut–Arimoto or the learned prior with
-the MI term reach its optimum. The LM part of the quick run is a smoke test of the trainer."""
+the MI term reach its optimum. The LM part of the quick run is a smoke test of its trainer path."""
 
 import json
 import math
@@ -27,4 +27,4 @@ def test_quick_run_same_loss_minimum_different_mi_objective(tmp_path):
             assert by[key]["mi_objective"] < best_mi - 1e-3
             assert by[key]["kl_objective"] <= by["dpo"]["kl_objective"] + 1e-9
     (lm_run,) = r["lm_runs"]
-    assert lm_run["method"] == "learned_mi" and math.isfinite(lm_run["reward"])
+    assert lm_run["method"] == "dpo" and math.isfinite(lm_run["reward"])
