@@ -24,7 +24,7 @@ def main(*args, timeout=300):
     "flag,message",
     [
         ("--config.loss.beta=0.1", "unknown key loss.beta; did you mean loss.alpha?"),
-        ("--config.train.num_step=3", "did you mean train.num_steps?"),
+        ("--config.train.num_step=3", "did you mean train.num_steps"),
         ("--config.data.batch_size=8", "the top-level batch_size"),
         ("--config.train.num_steps=abc", "train.num_steps=abc"),
         ("--config.reference.mode=nope", "reference.mode='nope' is not allowed"),
