@@ -157,14 +157,19 @@ def local_dir(folder) -> str:
         raise FileNotFoundError(f"{folder}: no such folder")
     dest = tempfile.mkdtemp(prefix="mipo_jax-copy-")
     atexit.register(shutil.rmtree, dest, ignore_errors=True)
-    for root, _, files in src.walk():
-        rel = os.path.relpath(os.fspath(root), folder) if os.fspath(root) != folder else ""
-        os.makedirs(os.path.join(dest, rel), exist_ok=True)
-        for name in files:
-            with open(os.path.join(dest, rel, name), "wb") as f:
-                f.write((root / name).read_bytes())
+    _download(src, dest)
     _COPIES[folder] = dest
     return dest
+
+
+def _download(src: epath.Path, dest: str) -> None:
+    os.makedirs(dest, exist_ok=True)
+    for child in src.iterdir():
+        if child.is_dir():
+            _download(child, os.path.join(dest, child.name))
+        else:
+            with open(os.path.join(dest, child.name), "wb") as f:
+                f.write(child.read_bytes())
 
 
 def upload_dir(local: str, dest) -> None:
