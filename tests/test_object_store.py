@@ -161,6 +161,7 @@ def test_run_and_resume_in_a_bucket(gcs, caplog):
 
     def config(steps):
         c = dpo.get_config("tiny")
+        c.mesh.data, c.mesh.fsdp, c.mesh.tensor = 1, 1, 1
         c.train.num_steps = steps
         c.checkpoint.every = 2
         c.sft.steps = 2
