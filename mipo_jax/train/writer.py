@@ -57,12 +57,12 @@ class MetricWriter:
         self.path = paths.join(workdir, "metrics.jsonl")
         self._tb = None
         self._remote = paths.is_remote(workdir)
-        self._content, self._synced, self._last_sync = b"", True, time.monotonic()
+        self._content, self._synced, self._last_sync = bytearray(), True, time.monotonic()
         if self.enabled:
             paths.makedirs(workdir)
             rewind(self.path, start, end)
             if self._remote and paths.exists(self.path):
-                self._content = paths.read_bytes(self.path)
+                self._content = bytearray(paths.read_bytes(self.path))
             if tensorboard:
                 from tensorboardX import SummaryWriter
 
@@ -94,7 +94,7 @@ class MetricWriter:
         """Object-store workdirs: upload ``metrics.jsonl`` now if rows are pending (local
         files are written row by row: nothing to do)."""
         if self.enabled and self._remote and not self._synced:
-            paths.write_bytes(self.path, self._content)
+            paths.write_bytes(self.path, bytes(self._content))
             self._synced, self._last_sync = True, time.monotonic()
 
     def flush(self) -> None:
