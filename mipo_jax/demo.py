@@ -17,7 +17,7 @@ import time
 from absl import app, flags
 from ml_collections import config_flags
 
-from mipo_jax import cli, stopping
+from mipo_jax import cli, paths, stopping
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
 _CONFIG = config_flags.DEFINE_config_file(
@@ -92,7 +92,7 @@ def main(argv):
         workdir = _WORKDIR.value or os.path.join("runs", time.strftime("demo-%Y%m%d-%H%M%S"))
         from mipo_jax.train import stages
 
-        summary = stages.run(config, os.path.abspath(workdir))
+        summary = stages.run(config, paths.resolve(workdir))
     if summary.get("stopped"):
         stage = summary.get("stage", "main")
         print(f"stopped ({summary['stopped']}) in the {stage} stage; run again to resume")

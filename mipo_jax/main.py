@@ -15,12 +15,11 @@ config, the data or a path is one line and exit code 2 (``--debug``: the traceba
 
 import json
 import logging
-import os
 
 from absl import app, flags
 from ml_collections import config_flags
 
-from mipo_jax import cli, stopping
+from mipo_jax import cli, paths, stopping
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config",
@@ -76,7 +75,7 @@ def main(argv):
         jax.config.update("jax_threefry_partitionable", True)
         from mipo_jax.train import stages
 
-        summary = stages.run(config, os.path.abspath(_WORKDIR.value))
+        summary = stages.run(config, paths.resolve(_WORKDIR.value))
         if jax.process_index() == 0:
             print(json.dumps(summary, indent=2))
 

@@ -10,7 +10,8 @@ one whose arrays fail to read (found only by restoring). Unusable steps are move
 from __future__ import annotations
 
 import json
-from pathlib import Path
+
+from etils.epath import Path  # a local path or an object-store URL (mipo_jax.paths)
 
 COMMIT_MARKER = "commit_success.txt"
 STEP_METADATA = "_CHECKPOINT_METADATA"

@@ -39,15 +39,16 @@ import dataclasses
 import hashlib
 import json
 import logging
-from pathlib import Path
 from typing import Any
 
 import jax
 import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
+from etils.epath import Path
 from jax.experimental import multihost_utils
 
+from mipo_jax import paths
 from mipo_jax.checkpoint import codec, integrity
 from mipo_jax.distributed import all_agree
 from mipo_jax.errors import UserError
@@ -76,6 +77,14 @@ class CheckpointSaveError(RuntimeError):
     """A checkpoint could not be written (e.g. the disk is full)."""
 
 
+def _dir(directory) -> Path:
+    """A checkpoint directory as an `etils.epath.Path` (what orbax takes): local ones
+    absolute, object-store URLs (``gs://``) as given."""
+    if paths.is_remote(directory):
+        return paths.path(paths.resolve(directory))
+    return paths.path(directory).absolute()
+
+
 def _barrier(name: str) -> None:
     if jax.process_count() > 1:
         multihost_utils.sync_global_devices(name)
@@ -97,7 +106,7 @@ class Checkpointer:
     ):
         if save_every < 1 or keep < 1:
             raise ValueError(f"save_every={save_every} and keep={keep} must be >= 1")
-        self.directory = Path(directory).absolute()
+        self.directory = _dir(directory)
         self.save_every = save_every
         self.config = config
         self.metadata = dict(metadata or {})
@@ -248,7 +257,7 @@ def _restore_step(manager, step: int, abstract, source: str) -> Restored:
         config=codec.config_from_json(out["config"]["config"]),
         metadata=meta.get("run", {}),
         source=source,
-        path=str(Path(manager.directory) / str(step)),
+        path=str(paths.path(manager.directory) / str(step)),
     )
 
 
@@ -324,7 +333,7 @@ def _move_aside(step_dirs: list[Path], manager) -> None:
 
 def restore_path(path: str | Path, abstract_state) -> Restored:
     """Restore from an explicit checkpoint: a checkpoint directory or one of its step dirs."""
-    path = Path(path).absolute()
+    path = _dir(path)
     abstract = codec.as_abstract(abstract_state)
     options = ocp.CheckpointManagerOptions(read_only=True)
     markers = (integrity.COMMIT_MARKER, integrity.STEP_METADATA, *integrity.ITEMS)

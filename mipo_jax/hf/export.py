@@ -10,19 +10,22 @@ A model with LoRA adapters (`mipo_jax.models.lora`) is written merged, each adap
 as ``W + (α/r)·A·B``, so the folder is a plain model of the base's architecture; with
 ``adapters=True`` the adapters are also written alone in PEFT's format (`save_peft_adapters`)
 under ``<folder>/adapter``.
+
+``folder`` is a local path or an object-store URL (`mipo_jax.paths`): files are written
+through `etils.epath`, the tokenizer through a temporary local folder when remote.
 """
 
 import json
 import logging
 import math
 import struct
-from pathlib import Path
 
 import jax
 import ml_dtypes
 import numpy as np
 from jax.experimental import multihost_utils
 
+from mipo_jax import paths
 from mipo_jax.hf.load import expected_tensors, param_table, plan
 from mipo_jax.hf.mappings import TABLES
 from mipo_jax.hf.safetensors import INDEX, SINGLE
@@ -40,7 +43,7 @@ _CODES = {
 }
 
 
-def write_safetensors(path: Path, tensors: dict[str, np.ndarray]) -> None:
+def write_safetensors(path, tensors: dict[str, np.ndarray]) -> None:
     """The safetensors format: u64 header length, JSON header, raw little-endian data."""
     header, offset = {"__metadata__": {"format": "pt"}}, 0
     for name, x in tensors.items():
@@ -52,7 +55,7 @@ def write_safetensors(path: Path, tensors: dict[str, np.ndarray]) -> None:
         offset += x.nbytes
     blob = json.dumps(header, separators=(",", ":")).encode()
     blob += b" " * (-len(blob) % 8)
-    with open(path, "wb") as f:
+    with paths.open_write(path) as f:
         f.write(struct.pack("<Q", len(blob)))
         f.write(blob)
         for x in tensors.values():
@@ -67,7 +70,7 @@ def _host(x: jax.Array) -> np.ndarray:
 
 def save_pretrained(
     model: CausalLM,
-    folder: str | Path,
+    folder,
     *,
     tokenizer=None,
     dtype: str = "float32",
@@ -83,7 +86,7 @@ def save_pretrained(
       adapters: a LoRA model's adapters also go to ``<folder>/adapter`` in PEFT's format
         (families with one HF module per projection; GPT-2's fused ``c_attn`` has none).
     """
-    folder = Path(folder)
+    folder = paths.path(folder)
     if lora.is_adapted(model):
         if adapters and peft_modules(model) is not None:
             save_peft_adapters(model, folder / "adapter", dtype=dtype)
@@ -118,7 +121,7 @@ def save_pretrained(
     hf_config = {**cfg.to_hf(), "dtype": dtype}
     (folder / "config.json").write_text(json.dumps(hf_config, indent=2, sort_keys=True))
     if tokenizer is not None:
-        tokenizer.save_pretrained(str(folder))
+        paths.save_into(folder, tokenizer.save_pretrained)
 
 
 def _split(expected: dict, itemsize: int, max_bytes: int) -> list[list[str]]:
@@ -154,7 +157,7 @@ def peft_modules(model: CausalLM) -> dict[tuple[str, ...], str] | None:
 
 
 def save_peft_adapters(
-    model: CausalLM, folder: str | Path, *, base_model: str | None = None, dtype="float32"
+    model: CausalLM, folder, *, base_model: str | None = None, dtype="float32"
 ) -> None:
     """Write a LoRA model's adapters as PEFT does: ``adapter_config.json`` and
     ``adapter_model.safetensors`` with ``base_model.model.<module>.lora_A.weight [r, in]`` and
@@ -194,7 +197,7 @@ def save_peft_adapters(
     }
     if jax.process_index() != 0:
         return
-    folder = Path(folder)
+    folder = paths.path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     write_safetensors(folder / PEFT_WEIGHTS, dict(sorted(tensors.items())))
     (folder / PEFT_CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True))

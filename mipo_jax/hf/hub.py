@@ -21,6 +21,8 @@ import json
 import os
 from pathlib import Path
 
+from mipo_jax import paths
+
 META_FILES = (
     "config.json",
     "generation_config.json",
@@ -61,11 +63,14 @@ def resolve_model(
     cache_dir: str | os.PathLike | None = None,
     weights: bool = True,
 ) -> Path:
-    """The local folder of ``spec`` (``hf:`` prefix optional): a folder, or a hub snapshot.
+    """The local folder of ``spec`` (``hf:`` prefix optional): a folder, a hub snapshot, or
+    a local copy of an object-store folder (``gs://...``, `mipo_jax.paths.local_dir`).
 
     ``weights=False`` fetches only config and tokenizer files (for a tokenizer).
     """
     spec = os.fspath(spec).removeprefix("hf:")
+    if paths.is_remote(spec):  # an object-store folder (a remote run's export): a local copy
+        return Path(paths.local_dir(spec))
     path = Path(spec).expanduser()
     if path.is_dir():
         return path

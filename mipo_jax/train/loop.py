@@ -15,7 +15,6 @@ too, driven by `mipo_jax.train.stages`.
 
 import json
 import logging
-import os
 import time
 
 import jax
@@ -23,7 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from mipo_jax import stopping
+from mipo_jax import paths, stopping
 from mipo_jax.checkpoint import Checkpointer, PreemptionGuard
 from mipo_jax.train import state as st
 from mipo_jax.train.data import to_device
@@ -73,7 +72,7 @@ def _train(run: Run, state, t0: float) -> dict:
     config, workdir = run.config, run.workdir
     cfg = config
     ckpt = Checkpointer(
-        os.path.join(workdir, "checkpoints"),
+        paths.join(workdir, "checkpoints"),
         save_every=int(cfg.checkpoint.every),
         keep=int(cfg.checkpoint.keep),
         async_save=bool(cfg.checkpoint.async_save),
@@ -105,7 +104,8 @@ def _train(run: Run, state, t0: float) -> dict:
         every = int(cfg.train.eval_every)
         hooks.add(lambda s, x: s < run.num_steps and writer.write(s, run.evaluator(x), "eval"),
                   every=every)  # fmt: skip
-        hooks.add(lambda s, x: ckpt.should_save(s) and saver.save(s, x, before=reporter.flush))
+        before = lambda: (reporter.flush(), writer.sync())  # a checkpoint's rows are written
+        hooks.add(lambda s, x: ckpt.should_save(s) and saver.save(s, x, before=before))
         step, stopped = start, False
         for step in range(start, run.num_steps):
             host = run.source.next(step, state)
@@ -120,6 +120,7 @@ def _train(run: Run, state, t0: float) -> dict:
                 stopped = True
                 break
         reporter.flush()
+        writer.sync()
         if reporter.nonfinite_run >= cfg.train.max_nonfinite:
             raise NonFiniteError(_nonfinite_message(run, ckpt, state, reporter))
         last = step + 1 if run.num_steps > start else start
@@ -165,7 +166,7 @@ def _nonfinite_message(run: Run, ckpt: Checkpointer, state, reporter) -> str:
     first = end - n + 1
     ckpt.wait_until_finished()
     saved = [s for s in ckpt.complete_steps() if s < first]
-    where = os.path.join(run.workdir, "checkpoints")
+    where = paths.join(run.workdir, "checkpoints")
     if saved:
         last = f"The last checkpoint is step {saved[-1]} ({where}/{saved[-1]}), from before them"
     else:
@@ -262,12 +263,12 @@ def _finish(run: Run, state, first_eval, final, seconds) -> dict:
     if cfg.export.hf:  # every process takes part in the gathers; process 0 writes
         from mipo_jax.hf.export import save_pretrained
 
-        export = os.path.join(workdir, "export")
+        export = paths.join(workdir, "export")
         model = nnx.merge(run.policy.graph, run.policy_params(state))
         save_pretrained(model, export, tokenizer=run.tokenizer, dtype=cfg.export.dtype)
     png = None
     if cfg.export.plot:
-        png = plot(os.path.join(workdir, "metrics.jsonl"), os.path.join(workdir, "curves.png"))
+        png = plot(paths.join(workdir, "metrics.jsonl"), paths.join(workdir, "curves.png"))
     summary = {
         "algorithm": cfg.algorithm,
         "steps": run.num_steps,
@@ -277,15 +278,12 @@ def _finish(run: Run, state, first_eval, final, seconds) -> dict:
         "data": run.data_reports,
         "eval_before": first_eval,
         "eval_after": final,
-        "metrics": os.path.join(workdir, "metrics.jsonl"),
-        "tensorboard": os.path.join(workdir, "tensorboard"),
-        "checkpoints": os.path.join(workdir, "checkpoints"),
+        "metrics": paths.join(workdir, "metrics.jsonl"),
+        "tensorboard": paths.join(workdir, "tensorboard"),
+        "checkpoints": paths.join(workdir, "checkpoints"),
         "export": export,
         "plot": png,
     }
     if jax.process_index() == 0:  # atomically: its presence marks a finished stage
-        path = os.path.join(workdir, "summary.json")
-        with open(path + ".tmp", "w") as f:
-            json.dump(summary, f, indent=2)
-        os.replace(path + ".tmp", path)
+        paths.write_text(paths.join(workdir, "summary.json"), json.dumps(summary, indent=2))
     return summary

@@ -28,6 +28,7 @@ import time
 import jax
 import numpy as np
 
+from mipo_jax import paths
 from mipo_jax.distributed import all_agree
 from mipo_jax.train import step_batch
 from mipo_jax.train.data import fetch
@@ -70,8 +71,8 @@ class ReferenceCache:
     def __init__(self, directory: str, weights: str, data, width: int):
         self.data, self.width = data, int(width)
         self.key = cache_key(weights, data_fingerprint(data), self.width)
-        self.dir = os.path.join(directory, self.key)
-        self.path = os.path.join(self.dir, "ref_logps.npy")
+        self.dir = paths.join(directory, self.key)
+        self.path = paths.join(self.dir, "ref_logps.npy")
         self.values: np.ndarray | None = None
         self.hit = False
         self._row = {int(e): i for i, e in enumerate(data.example_id)}
@@ -82,8 +83,8 @@ class ReferenceCache:
         ``score`` runs the reference on a padded batch (``step_batch.padded_examples``) of the
         whole split's examples, the same batch on every process, and returns numpy values.
         """
-        if all_agree(os.path.exists(self.path)):
-            self.values = np.load(self.path, mmap_mode="r")
+        if all_agree(paths.exists(self.path)):
+            self.values = paths.load_npy(self.path, mmap_mode="r")
             self.hit = True
             return self
         n = len(self.data)
@@ -96,15 +97,12 @@ class ReferenceCache:
             )
             batch = step_batch.pad_groups(batch, batch_size)
             out[idx] = np.asarray(score(batch))[: len(idx)] * batch["mask"][: len(idx), 0]
-        os.makedirs(self.dir, exist_ok=True)
+        paths.makedirs(self.dir)
         tmp = f".tmp.p{jax.process_index()}.{os.getpid()}"
-        np.save(self.path + tmp + ".npy", out)
-        os.replace(self.path + tmp + ".npy", self.path)
+        tmp_npy = self.path + tmp + ".npy"
+        paths.write_with(self.path, lambda f: np.save(f, out), tmp_path=tmp_npy)
         meta = dict(key=self.key, examples=n, width=self.width, seconds=time.time() - start)
-        meta_path = os.path.join(self.dir, "meta.json")
-        with open(meta_path + tmp, "w") as f:
-            json.dump(meta, f)
-        os.replace(meta_path + tmp, meta_path)
+        paths.write_text(paths.join(self.dir, "meta.json"), json.dumps(meta), tmp=tmp)
         self.values, self.hit = out, False
         return self
 

@@ -28,11 +28,11 @@ import dataclasses
 import functools
 import hashlib
 import logging
-import os
 
 import jax
 import numpy as np
 
+from mipo_jax import paths
 from mipo_jax.data.encoding import Tokenized
 from mipo_jax.data.iterator import PreferenceIterator
 from mipo_jax.data.packing import Layout
@@ -109,9 +109,9 @@ class RoundSource:
 
     def _start(self, r: int, state) -> None:
         """Round ``r``'s pairs: reloaded, or built from the state's policy and prior."""
-        path = os.path.join(self.workdir, "rounds", f"round_{r}.npz")
+        path = paths.join(self.workdir, "rounds", f"round_{r}.npz")
         if _exists_on_process_0(path):  # all processes load, or all build (collectives)
-            if not os.path.exists(path):
+            if not paths.exists(path):
                 raise FileNotFoundError(
                     f"{path}: process 0 has this round's pairs, process {jax.process_index()} "
                     "cannot read them; every process must see the same workdir (a shared "
@@ -210,7 +210,7 @@ def _up(n: int, m: int = 8) -> int:
 
 def _exists_on_process_0(path: str) -> bool:
     """Whether process 0 sees ``path`` (every process gets its answer)."""
-    here = os.path.exists(path)
+    here = paths.exists(path)
     if jax.process_count() == 1:
         return here
     from jax.experimental import multihost_utils
@@ -254,17 +254,15 @@ def _tokenized(prompts, completions, pad_id) -> Tokenized:
 
 
 def _save(path: str, data: Tokenized) -> None:
-    os.makedirs(os.path.dirname(path), exist_ok=True)
+    paths.makedirs(paths.dirname(path))
     arrays = {"prompt_values": data.prompt.values, "prompt_offsets": data.prompt.offsets}
     for k, c in enumerate(data.completions):
         arrays[f"c{k}_values"], arrays[f"c{k}_offsets"] = c.values, c.offsets
-    tmp = path + ".tmp.npz"
-    np.savez(tmp, **arrays)
-    os.replace(tmp, path)
+    paths.write_with(path, lambda f: np.savez(f, **arrays), tmp_path=path + ".tmp.npz")
 
 
 def _load(path: str, pad_id: int) -> Tokenized:
-    z = np.load(path)
+    z = paths.load_npy(path)
     ragged = lambda p: Ragged(z[f"{p}_values"], z[f"{p}_offsets"])
     comps = tuple(ragged(f"c{k}") for k in range(2))
     t = _tokenized([[0]], [[[0]], [[0]]], pad_id)

@@ -14,13 +14,13 @@ import dataclasses
 import functools
 import logging
 import math
-import os
 import time
 
 import jax
 import ml_collections as mlc
 from jax.sharding import NamedSharding, PartitionSpec
 
+from mipo_jax import paths
 from mipo_jax.data.vocab import check_vocab
 from mipo_jax.sharding import make_mesh
 from mipo_jax.train import adapters, checks, modules, needs, optim, rounds
@@ -163,7 +163,7 @@ def build(
     """
     checks.validate(config)
     checks.validate_runtime(config, jax.process_count())
-    os.makedirs(workdir, exist_ok=True)
+    paths.makedirs(workdir)
     mesh = mesh_of(config)
     batch_sharding = NamedSharding(mesh, PartitionSpec(("data", "fsdp")))
     epochs = int(config.train.get("num_epochs", 0))

@@ -20,13 +20,12 @@ summary then says ``stopped`` (``preempted`` or ``interrupted``), the ``stage`` 
 """
 
 import logging
-import os
-import shutil
 
 import jax
 import ml_collections as mlc
 import numpy as np
 
+from mipo_jax import paths
 from mipo_jax.data.tasks import sentiment
 from mipo_jax.losses import loss_config
 from mipo_jax.stopping import check, job_signals
@@ -103,7 +102,7 @@ def _run(config, workdir: str, where: dict, data: dict) -> dict:
 
 
 def sft_dir(workdir: str) -> str:
-    return os.path.join(workdir, "sft")
+    return paths.join(workdir, "sft")
 
 
 def sft_config(config) -> mlc.ConfigDict:
@@ -150,8 +149,8 @@ def task_draws(task: str, n: int, seed: int) -> list[dict]:
 def sft_stage(config, workdir: str, *, train_data=None) -> dict:
     """Run (or reuse) the SFT stage; ``{"export": folder}`` or a ``stopped`` summary."""
     folder = sft_dir(workdir)
-    export = os.path.join(folder, "export")
-    if os.path.exists(os.path.join(folder, "summary.json")):
+    export = paths.join(folder, "export")
+    if paths.exists(paths.join(folder, "summary.json")):
         log.info("SFT stage: done, reusing %s", export)
         return {"export": export}
     sub = sft_config(config)
@@ -181,12 +180,12 @@ def contrastive_stage(config, init: str | None, where: dict | None = None, *, tr
     reference = modules.build_policy(config.model, train.tokenizer, mesh, config.seed, init)
     key, subs = tw.contrastive_runs(config, reference, train)
     del reference, train
-    root = os.path.join(tw.cache_root(config), key)
+    root = paths.join(tw.cache_root(config), key)
     folders, trained = [], []
     for side, sub in zip(tw.SIDES, subs, strict=True):
-        workdir = os.path.join(root, side)
+        workdir = paths.join(root, side)
         where["stage"] = f"tisdpo-{side}"
-        if os.path.exists(os.path.join(workdir, "summary.json")):
+        if paths.exists(paths.join(workdir, "summary.json")):
             log.info("TIS-DPO %s model: cache hit %s", side, workdir)
         else:
             log.info(
@@ -197,7 +196,7 @@ def contrastive_stage(config, init: str | None, where: dict | None = None, *, tr
             if summary.get("stopped"):
                 return {**summary, "stage": f"tisdpo-{side}"}
             if jax.process_index() == 0:  # the finished run's optimiser state is not needed
-                shutil.rmtree(os.path.join(workdir, "checkpoints"), ignore_errors=True)
+                paths.rmtree(paths.join(workdir, "checkpoints"))
             trained.append(side)
-        folders.append(os.path.join(workdir, "export"))
+        folders.append(paths.join(workdir, "export"))
     return {"folders": tuple(folders), "key": key, "trained": trained}

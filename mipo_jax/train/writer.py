@@ -11,18 +11,27 @@ A run that resumes from step s keeps the rows it will not write again and moves 
 a crash mid-write) to ``metrics.dropped.jsonl`` next to it, so ``metrics.jsonl`` holds each
 row once; TensorBoard is told to purge its events from the same step on. Readers skip lines
 that do not parse.
+
+An object-store workdir (``gs://...``, `mipo_jax.paths`) cannot append: ``metrics.jsonl``
+is kept in memory and uploaded whole at most every `SYNC_SECS` seconds while rows come, and
+on `sync` (before every checkpoint, so a checkpoint's rows are in the object), `flush` and
+`close`; a crash loses at most the rows since the last upload, and a resume rewinds as above.
+TensorBoard event files are uploaded whole on each TensorBoard flush (`_ObjectRecordWriter`).
 """
 
+import io
 import json
 import logging
 import math
-import os
 import time
 
 import jax
 
+from mipo_jax import paths
+
 log = logging.getLogger("mipo_jax.train")
 DROPPED = "metrics.dropped.jsonl"
+SYNC_SECS = 30.0  # object-store workdirs: upload metrics.jsonl at most this often while writing
 
 MAIN_CURVES = (
     "loss",
@@ -45,16 +54,22 @@ class MetricWriter:
         self, workdir: str, *, tensorboard: bool = True, start: int = 0, end: int | None = None
     ):
         self.enabled = jax.process_index() == 0
-        self.path = os.path.join(workdir, "metrics.jsonl")
+        self.path = paths.join(workdir, "metrics.jsonl")
         self._tb = None
+        self._remote = paths.is_remote(workdir)
+        self._content, self._synced, self._last_sync = bytearray(), True, time.monotonic()
         if self.enabled:
-            os.makedirs(workdir, exist_ok=True)
+            paths.makedirs(workdir)
             rewind(self.path, start, end)
+            if self._remote and paths.exists(self.path):
+                self._content = bytearray(paths.read_bytes(self.path))
             if tensorboard:
                 from tensorboardX import SummaryWriter
 
+                if self._remote:
+                    register_tensorboard_schemes()
                 purge = start if start in (0, end) else start + 1
-                self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"), purge_step=purge)
+                self._tb = SummaryWriter(paths.join(workdir, "tensorboard"), purge_step=purge)
 
     def write(self, step: int, values: dict[str, float], split: str = "train") -> None:
         if not self.enabled or not values:
@@ -62,17 +77,33 @@ class MetricWriter:
         prefix = "" if split == "train" else f"{split}_"
         row = {"step": int(step), "split": split, "time": round(time.time(), 3)}
         row.update({prefix + k: _finite_or_str(v) for k, v in sorted(values.items())})
-        with open(self.path, "a") as f:
-            f.write(json.dumps(row) + "\n")
+        line = json.dumps(row) + "\n"
+        if self._remote:
+            self._content += line.encode()
+            self._synced = False
+            if time.monotonic() - self._last_sync >= SYNC_SECS:
+                self.sync()
+        else:
+            with open(self.path, "a") as f:
+                f.write(line)
         if self._tb is not None:
             for k, v in values.items():
                 self._tb.add_scalar(prefix + k, float(v), int(step))
 
+    def sync(self) -> None:
+        """Object-store workdirs: upload ``metrics.jsonl`` now if rows are pending (local
+        files are written row by row: nothing to do)."""
+        if self.enabled and self._remote and not self._synced:
+            paths.write_bytes(self.path, bytes(self._content))
+            self._synced, self._last_sync = True, time.monotonic()
+
     def flush(self) -> None:
+        self.sync()
         if self._tb is not None:
             self._tb.flush()
 
     def close(self) -> None:
+        self.sync()
         if self._tb is not None:
             self._tb.close()
             self._tb = None
@@ -104,10 +135,9 @@ def rewind(path: str, start: int, end: int | None = None) -> int:
     """Move the rows a run starting at ``start`` will write again, and unreadable lines (a
     line torn by a crash mid-write), from ``path`` to ``metrics.dropped.jsonl`` beside it;
     returns how many lines moved. The kept rows are rewritten atomically."""
-    if not os.path.exists(path):
+    if not paths.exists(path):
         return 0
-    with open(path, "rb") as f:
-        lines = [line for line in f if line.strip()]
+    lines = [line for line in io.BytesIO(paths.read_bytes(path)) if line.strip()]
     keep, moved, torn = [], [], 0
     for line in lines:
         row = _row(line)
@@ -120,12 +150,9 @@ def rewind(path: str, start: int, end: int | None = None) -> int:
             keep.append(line)
     if not moved:
         return 0
-    with open(os.path.join(os.path.dirname(path), DROPPED), "ab") as f:
-        f.writelines(moved)  # first, so that a crash in between loses nothing
-    tmp = path + ".tmp"
-    with open(tmp, "wb") as f:
-        f.writelines(keep)
-    os.replace(tmp, path)
+    # first, so that a crash in between loses nothing
+    paths.append_bytes(paths.join(paths.dirname(path), DROPPED), b"".join(moved))
+    paths.write_bytes(path, b"".join(keep), tmp=".tmp")
     log.warning(
         "%s: moved %d rows after step %d (the run resumes there) and %d unreadable line(s) "
         "to %s", path, len(moved) - torn, start, torn, DROPPED,
@@ -135,8 +162,8 @@ def rewind(path: str, start: int, end: int | None = None) -> int:
 
 def read_metrics(path: str) -> list[dict]:
     """The rows of a metrics file; lines that do not parse (a torn last line) are skipped."""
-    with open(path, "rb") as f:
-        lines = [line if line.endswith(b"\n") else line + b"\n" for line in f if line.strip()]
+    f = io.BytesIO(paths.read_bytes(path))
+    lines = [line if line.endswith(b"\n") else line + b"\n" for line in f if line.strip()]
     rows = [_row(line) for line in lines]
     bad = sum(r is None for r in rows)
     if bad:
@@ -146,7 +173,7 @@ def read_metrics(path: str) -> list[dict]:
 
 def plot(metrics_path: str, png_path: str, curves=MAIN_CURVES) -> str | None:
     """A grid of the main curves (train and eval) as PNG; None when nothing was logged."""
-    if not os.path.exists(metrics_path):
+    if not paths.exists(metrics_path):
         return None
     import matplotlib
 
@@ -175,6 +202,48 @@ def plot(metrics_path: str, png_path: str, curves=MAIN_CURVES) -> str | None:
     for ax in list(axes.flat)[len(present) :]:
         ax.axis("off")
     fig.tight_layout()
-    fig.savefig(png_path, dpi=100)
+    if paths.is_remote(png_path):
+        buf = io.BytesIO()
+        fig.savefig(buf, format="png", dpi=100)
+        paths.write_bytes(png_path, buf.getvalue())
+    else:
+        fig.savefig(png_path, dpi=100)
     plt.close(fig)
     return png_path
+
+
+class _ObjectRecordWriter:
+    """A TensorBoard event file on an object store: the bytes are kept in memory and the
+    whole object is uploaded on each flush (as tensorboardX's own GCS writer does), through
+    `mipo_jax.paths`."""
+
+    def __init__(self, path: str):
+        self.path, self.buffer, self.written = path, io.BytesIO(), -1
+
+    def write(self, data: bytes) -> None:
+        self.buffer.write(data)
+
+    def flush(self) -> None:
+        if self.buffer.tell() != self.written:
+            paths.write_bytes(self.path, self.buffer.getvalue())
+            self.written = self.buffer.tell()
+
+    def close(self) -> None:
+        self.flush()
+
+
+class _ObjectRecordWriterFactory:
+    def open(self, path: str) -> _ObjectRecordWriter:
+        return _ObjectRecordWriter(path)
+
+    def directory_check(self, path: str) -> None:
+        paths.makedirs(path)
+
+
+def register_tensorboard_schemes() -> None:
+    """Route tensorboardX's ``gs://``, ``s3://`` and ``az://`` event files through
+    `mipo_jax.paths` (instead of its own boto / google-cloud-storage clients)."""
+    from tensorboardX import record_writer
+
+    for scheme in ("gs", "s3", "az"):
+        record_writer.register_writer_factory(scheme, _ObjectRecordWriterFactory())
