@@ -32,7 +32,7 @@ MODEL = dict(
     hidden_size=64, intermediate_size=192, num_layers=2, num_heads=4, num_kv_heads=2,
     head_dim=16, max_position_embeddings=64, compute_dtype="float32",
 )  # fmt: skip
-SFT_STEPS = {"controlled": 300, "length_biased": 300, "arithmetic": 400}
+SFT_STEPS = {"controlled": 300, "length_biased": 300, "arithmetic": 2000}
 
 
 def parse_args(doc: str, default_out: str) -> argparse.Namespace:
@@ -42,6 +42,11 @@ def parse_args(doc: str, default_out: str) -> argparse.Namespace:
     p.add_argument("--out", default=None, help=f"output folder (default {default_out})")
     p.add_argument(
         "--workdir", default=None, help="run folders (default /tmp/mipo_repro/<name>[_quick])"
+    )
+    p.add_argument(
+        "--finished-only",
+        action="store_true",
+        help="train nothing: tabulate the runs of the grid that have finished",
     )
     return p.parse_args()
 
@@ -97,9 +102,25 @@ def base_config(name: str, task: str, steps: int, sft_export: str, reference: st
     return config
 
 
+def sweep_runs(base, grid: list[dict], out_dir: str, finished_only: bool = False) -> list[dict]:
+    """`experiments.sweep.run_grid` over ``grid``; ``finished_only``: only the finished ones."""
+    from experiments import sweep
+
+    if finished_only:
+        done = lambda ov: os.path.exists(os.path.join(out_dir, sweep.run_name(ov), "summary.json"))
+        grid = [ov for ov in grid if done(ov)]
+    return sweep.run_grid(base, grid, out_dir)
+
+
 def seeds_overrides(grid: list[dict], seeds: int) -> list[dict]:
     """Every override set of ``grid`` once per seed (``data.seed``: the pair order)."""
     return [{**g, "data.seed": s} for g in grid for s in range(seeds)]
+
+
+def first_eval(runs: list[dict]) -> dict:
+    """The starting policy's evaluation (the SFT model): ``eval_before`` of the first run that
+    has one (a run resumed from a checkpoint after step 0 has none)."""
+    return next(r["summary"]["eval_before"] for r in runs if r["summary"]["eval_before"])
 
 
 def mean_std(values) -> tuple[float, float]:
@@ -121,7 +142,7 @@ def write_json(path: str, obj) -> None:
 def run_record(r: dict, keys: list[str]) -> dict:
     """One run for results.json: its overrides, the chosen summary numbers, its config."""
     after = r["summary"]["eval_after"]
-    before = r["summary"]["eval_before"]
+    before = r["summary"]["eval_before"] or {}  # None for a run resumed after step 0
     return dict(
         name=r["name"],
         overrides=r["overrides"],

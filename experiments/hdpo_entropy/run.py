@@ -21,11 +21,10 @@ import time
 import numpy as np
 
 from experiments import lm_common as L
-from experiments import sweep
 
 HERE = pathlib.Path(__file__).resolve().parent
 TASK = "arithmetic"
-FULL = dict(a=(0.5, 0.7, 0.9, 1.0, 1.2), steps=60, seeds=3, prompts=16, sft_steps=400)
+FULL = dict(a=(0.5, 0.7, 0.9, 1.0, 1.2), steps=60, seeds=3, prompts=16, sft_steps=2000)
 QUICK = dict(a=(0.5, 1.0), steps=30, seeds=1, prompts=16, sft_steps=150)
 BETA = 0.1
 METRICS = ("entropy", "p_correct", "pass@1", "pass@4", "pass@16", "greedy", "kl_ref")
@@ -60,10 +59,12 @@ def main() -> None:
         return config
 
     grid = L.seeds_overrides([{"loss.prior.temperature": a} for a in p["a"]], seeds)
-    runs = sweep.run_grid(base, grid, os.path.join(work, "hdpo"))
+    runs = L.sweep_runs(base, grid, os.path.join(work, "hdpo"), args.finished_only)
     rows = []
     for a in p["a"]:
         mine = [x for x in runs if x["overrides"]["loss.prior.temperature"] == a]
+        if not mine:
+            continue
         vals = {m: [x["summary"]["eval_after"][f"true/{m}"] for x in mine] for m in METRICS}
         rows.append(dict(a=a, **{m: L.mean_std(v) for m, v in vals.items()}, runs=vals))
 
@@ -96,11 +97,10 @@ def main() -> None:
         setup=dict(
             task=f"embedded:{TASK}",
             model=L.MODEL,
-            seeds=seeds,
             quick=args.quick,
             beta=BETA,
             reference="live (the SFT model)",
-            **p,
+            **{**p, "seeds": seeds},
         ),  # fmt: skip
         sft_reference=answer_metrics(ref, ev.correct),
         eval_prompts=ev.prompts,
@@ -135,10 +135,11 @@ def plot(result: dict, path: str) -> None:
     m, s = np.array([x["entropy"] for x in result["rows"]]).T
     ax1.errorbar(a, m, yerr=s, fmt="o-", capsize=3, label="H-DPO, trained")
     c = result["closed_form"]
+    ac = [x["a"] for x in c]
     if "tempered_dpo" in c[0]:
-        ax1.plot(a, [x["tempered_dpo"]["entropy"][0] for x in c], "k--",
+        ax1.plot(ac, [x["tempered_dpo"]["entropy"][0] for x in c], "k--",
                  label="closed form: π_DPO^{1/a}")  # fmt: skip
-    ax1.plot(a, [x["tempered_reference"]["entropy"] for x in c], ":", c="gray",
+    ax1.plot(ac, [x["tempered_reference"]["entropy"] for x in c], ":", c="gray",
              label="prior ζ = π_ref^{1/a}")  # fmt: skip
     ax1.set_xlabel("a")
     ax1.set_ylabel("entropy of the answer (nats)")
@@ -148,7 +149,7 @@ def plot(result: dict, path: str) -> None:
         m, s = np.array([x[f"pass@{k}"] for x in result["rows"]]).T
         ax2.errorbar(a, m, yerr=s, fmt="o-", c=col, capsize=3, label=f"pass@{k}")
         if "tempered_dpo" in c[0]:
-            ax2.plot(a, [x["tempered_dpo"][f"pass@{k}"][0] for x in c], "--", c=col, lw=1)
+            ax2.plot(ac, [x["tempered_dpo"][f"pass@{k}"][0] for x in c], "--", c=col, lw=1)
     ax2.set_xlabel("a")
     ax2.set_ylabel("pass@k (exact, candidate set)")
     ax2.set_title("dashed: closed form π_DPO^{1/a}", fontsize=8)

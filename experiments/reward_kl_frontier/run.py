@@ -20,7 +20,6 @@ import time
 import numpy as np
 
 from experiments import lm_common as L
-from experiments import sweep
 
 HERE = pathlib.Path(__file__).resolve().parent
 TASK = "controlled"
@@ -28,16 +27,10 @@ A_HDPO = 0.9
 # label: (config, config args, swept key, full values, quick values); larger = closer to π_ref
 ALGOS = {
     "DPO": ("dpo", {}, "loss.alpha", (0.5, 1.0, 2.0, 3.0, 5.0, 10.0), (0.5, 5.0)),
-    "IPO": ("ipo", {}, "loss.alpha", (0.25, 0.5, 1.0, 2.0, 4.0, 8.0), ()),
-    f"H-DPO (a={A_HDPO})": (
-        "hdpo",
-        {"a": A_HDPO},
-        "hdpo_beta",
-        (0.5, 1.0, 2.0, 3.0, 5.0, 10.0),
-        (),
-    ),
-    "SimPO": ("simpo", {}, "loss.alpha", (0.25, 0.5, 1.0, 2.0, 4.0, 8.0), (0.25, 2.0)),
-    "MI-DPO learned ζ": ("mipo_learned", {}, "loss.alpha", (0.5, 1.0, 2.0, 3.0, 5.0, 10.0), ()),
+    "IPO": ("ipo", {}, "loss.alpha", (0.25, 1.0, 4.0), ()),
+    f"H-DPO (a={A_HDPO})": ("hdpo", {"a": A_HDPO}, "hdpo_beta", (0.5, 2.0, 10.0), ()),
+    "SimPO": ("simpo", {}, "loss.alpha", (0.25, 1.0, 4.0), (1.0,)),
+    "MI-DPO learned ζ": ("mipo_learned", {}, "loss.alpha", (0.5, 2.0, 10.0), ()),
 }
 FULL = dict(steps=60, seeds=3, prompts=2, sft_steps=300)
 QUICK = dict(steps=30, seeds=2, prompts=2, sft_steps=100)
@@ -81,6 +74,24 @@ def frontier_reward_at(front: dict, kl: float, r_max: float) -> float:
     return float(np.interp(kl, ks, rs))
 
 
+def optimum_point(ref: np.ndarray, r: np.ndarray, config: str, value: float) -> dict | None:
+    """(mean KL, mean E[r]) of the population optimum a run aims at, where closed-form:
+    DPO π*_β ∝ π_ref·e^{r/β}; H-DPO π*_a ∝ (π_ref·e^{r/β})^{1/a} (mathematics §2.3)."""
+    from mipo_jax.data.tasks import sentiment
+
+    if config not in ("dpo", "hdpo"):
+        return None
+    a = A_HDPO if config == "hdpo" else 1.0
+    kl, reward = [], []
+    for i in range(len(ref)):
+        z = (ref[i] + r[i] / value) / a
+        lp = z - np.logaddexp.reduce(z)
+        m = sentiment.exact_metrics(lp, ref[i], r[i])
+        kl.append(m["kl"])
+        reward.append(m["reward"])
+    return {"kl": float(np.mean(kl)), "reward": float(np.mean(reward))}
+
+
 def betas_grid() -> np.ndarray:
     return np.geomspace(0.02, 200.0, 400)
 
@@ -97,7 +108,7 @@ def main() -> None:
     ref, r = task_tables(p["prompts"])
     front = frontier(ref, r, betas_grid())
     r_max = float(np.mean(r.max(axis=1)))
-    rows, records = [], []
+    rows, records, done = [], [], []
     for label, (name, cargs, key, full, quick) in ALGOS.items():
         values = quick if args.quick else full
         if not values:
@@ -106,31 +117,33 @@ def main() -> None:
             name, TASK, p["steps"], sft, "dataset", **cargs
         )
         grid = L.seeds_overrides([{key: v} for v in values], seeds)
-        runs = sweep.run_grid(base, grid, os.path.join(work, name))
+        runs = L.sweep_runs(base, grid, os.path.join(work, name), args.finished_only)
+        done += runs
         for v in values:
             mine = [x for x in runs if x["overrides"][key] == v]
+            if not mine:
+                continue
             kls = [x["summary"]["eval_after"]["true/kl_task_ref"] for x in mine]
             rews = [x["summary"]["eval_after"]["true/reward"] for x in mine]
             gaps = [frontier_reward_at(front, k, r_max) - w for k, w in zip(kls, rews)]
             rows.append(
                 dict(algorithm=label, config=name, key=key, value=v, kl=L.mean_std(kls),
                      reward=L.mean_std(rews), gap=L.mean_std(gaps), kl_runs=kls,
-                     reward_runs=rews, gap_runs=gaps)
+                     reward_runs=rews, gap_runs=gaps, optimum=optimum_point(ref, r, name, v))
             )  # fmt: skip
         keys = ["true/reward", "true/kl_task_ref", "true/kl_ref", "loss", "rewards/accuracies"]
         records += [dict(algorithm=label, **L.run_record(x, keys)) for x in runs]
-    before = runs[0]["summary"]["eval_before"]
+    before = L.first_eval(done)
     result = dict(
         claim="DPO's (E[r], KL) points lie close to the exact reward–KL frontier of "
         "π*_β ∝ π_ref·exp(r/β) (Rafailov et al. 2023, arXiv 2305.18290, Fig. 2 left)",
         setup=dict(
             task=f"embedded:{TASK}",
             model=L.MODEL,
-            seeds=seeds,
             quick=args.quick,
             reference="dataset (exact task π_ref)",
             hdpo_a=A_HDPO,
-            **p,
+            **{**p, "seeds": seeds},
         ),  # fmt: skip
         sft_reference=dict(reward=before["true/reward"], kl_task_ref=before["true/kl_task_ref"]),
         task_ref_reward=float(np.mean([np.exp(ref[i]) @ r[i] for i in range(len(ref))])),
@@ -148,13 +161,16 @@ def main() -> None:
 
 def table(rows) -> str:
     lines = [
-        "| algorithm | swept | value | KL(π‖π_ref) | E_π[r] | frontier gap |",
-        "|---|---|---|---|---|---|",
+        "| algorithm | swept | value | KL(π‖π_ref) | E_π[r] | frontier gap | "
+        "exact optimum (KL, E[r]) |",
+        "|---|---|---|---|---|---|---|",
     ]
     for x in rows:
+        o = x.get("optimum")
+        aim = f"({o['kl']:.3f}, {o['reward']:.3f})" if o else "–"
         lines.append(
             f"| {x['algorithm']} | `{x['key']}` | {x['value']:g} | {L.fmt(*x['kl'])} | "
-            f"{L.fmt(*x['reward'])} | {L.fmt(*x['gap'])} |"
+            f"{L.fmt(*x['reward'])} | {L.fmt(*x['gap'])} | {aim} |"
         )
     return "\n".join(lines)
 
@@ -167,7 +183,9 @@ def plot(result: dict, path: str) -> None:
 
     fig, ax = plt.subplots(figsize=(6.4, 4.4), dpi=110)
     f = result["frontier"]
-    ax.plot(f["kl"], f["reward"], "k-", lw=2, label="exact frontier π*_β")
+    xmax = max(4.0, min(8.0, max(k for x in result["rows"] for k in x["kl_runs"])))
+    ax.plot([*f["kl"], xmax], [*f["reward"], result["r_max"]], "k-", lw=2,
+            label="exact frontier π*_β")  # fmt: skip
     markers = "osD^v"
     for label, m in zip(ALGOS, markers):
         mine = [x for x in result["rows"] if x["algorithm"] == label]
@@ -175,12 +193,17 @@ def plot(result: dict, path: str) -> None:
             continue
         ks = [k for x in mine for k in x["kl_runs"]]
         rs = [w for x in mine for w in x["reward_runs"]]
-        ax.scatter(ks, rs, marker=m, s=22, alpha=0.75, label=label)
+        dots = ax.scatter(ks, rs, marker=m, s=22, alpha=0.75, label=label)
+        aims = [x["optimum"] for x in mine if x.get("optimum")]
+        if aims:
+            ax.scatter([o["kl"] for o in aims], [o["reward"] for o in aims], marker=m, s=60,
+                       facecolors="none", edgecolors=dots.get_facecolor()[0][:3], lw=1.2,
+                       label=f"{label}: its exact optimum")  # fmt: skip
     s = result["sft_reference"]
     ax.scatter([s["kl_task_ref"]], [s["reward"]], marker="*", s=120, c="k", label="SFT start")
     ax.set_xlabel("KL(π ‖ π_ref), exact (nats)")
     ax.set_ylabel("E_π[r], exact")
-    ax.set_xlim(0, max(4.0, min(8.0, max(k for x in result["rows"] for k in x["kl_runs"]))))
+    ax.set_xlim(0, xmax)
     ax.set_title("controlled task: reward vs KL (each point one run)")
     ax.legend(fontsize=7, loc="lower right")
     ax.grid(alpha=0.3)
