@@ -33,7 +33,7 @@ ALGOS = {
     "MI-DPO learned ζ": ("mipo_learned", {}, "loss.alpha", (0.5, 2.0, 10.0), ()),
 }
 FULL = dict(steps=60, seeds=3, prompts=2, sft_steps=300)
-QUICK = dict(steps=30, seeds=2, prompts=2, sft_steps=100)
+QUICK = dict(steps=30, seeds=1, prompts=2, sft_steps=100)
 
 
 def task_tables(prompts: int):
