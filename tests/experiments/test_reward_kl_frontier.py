@@ -90,11 +90,14 @@ def quick(tmp_path_factory):
 @pytest.mark.slow
 def test_quick_run_shows_the_frontier_claim(quick):
     rows = {(x["algorithm"], x["value"]): x for x in quick["rows"]}
+    dpo_lo, dpo_hi = rows[("DPO", 0.5)], rows[("DPO", 5.0)]
     # learning moves E[r] far above the SFT start
-    assert rows[("DPO", 0.5)]["reward"][0] > quick["sft_reference"]["reward"] + 2.0
+    assert dpo_lo["reward"][0] > quick["sft_reference"]["reward"] + 2.0
     # larger β keeps DPO closer to π_ref
-    assert rows[("DPO", 5.0)]["kl"][0] < rows[("DPO", 0.5)]["kl"][0]
+    assert dpo_hi["kl"][0] < dpo_lo["kl"][0]
     # every run lies on or below the exact frontier (the gap is a true gap)
     assert all(g > -1e-6 for x in quick["rows"] for g in x["gap_runs"])
-    # DPO lies closer to the frontier than reference-free SimPO at its default β = 2
-    assert rows[("DPO", 0.5)]["gap"][0] < rows[("SimPO", 2.0)]["gap"][0]
+    # full run: DPO at β = 0.5 is 0.03 ± 0.01 below the frontier; at β = 5 its KL is 0.93 ±
+    # 0.14 where its exact optimum π*_β has KL 0.13: it overshoots the KL it is asked for
+    assert dpo_lo["gap"][0] < 0.3
+    assert dpo_hi["kl"][0] > 2 * dpo_hi["optimum"]["kl"]
