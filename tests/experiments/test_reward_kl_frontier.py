@@ -65,6 +65,10 @@ def test_no_policy_beats_the_frontier():
         kl = np.mean(np.sum(p * (lp - ref), axis=1))
         reward = np.mean(np.sum(p * r, axis=1))
         assert reward <= R.frontier_reward_at(front, kl, np.mean(r.max(axis=1))) + 1e-3
+        if reward < front["reward"].max():  # no policy gets this reward with less KL
+            assert kl >= R.frontier_kl_for(front, reward) - 1e-3
+    i = 150  # a point of the curve itself: no gap, no excess KL
+    assert R.frontier_kl_for(front, front["reward"][i]) == pytest.approx(front["kl"][i], abs=1e-9)
 
 
 def test_frontier_on_the_task_ends_at_the_reference_and_the_maximum():
