@@ -194,7 +194,9 @@ def plot(result: dict, path: str) -> None:
     fig, ax = plt.subplots(figsize=(6.4, 4.4), dpi=110)
     f = result["frontier"]
     xmax = max(4.0, min(8.0, max(k for x in result["rows"] for k in x["kl_runs"])))
-    ax.plot([*f["kl"], xmax], [*f["reward"], result["r_max"]], "k-", lw=2,
+    order = np.argsort(f["kl"])
+    ks, rs = np.asarray(f["kl"])[order], np.asarray(f["reward"])[order]
+    ax.plot([*ks, xmax], [*rs, result["r_max"]], "k-", lw=2,
             label="exact frontier π*_β")  # fmt: skip
     markers = "osD^v"
     for label, m in zip(ALGOS, markers):
@@ -213,7 +215,7 @@ def plot(result: dict, path: str) -> None:
     ax.scatter([s["kl_task_ref"]], [s["reward"]], marker="*", s=120, c="k", label="SFT start")
     ax.set_xlabel("KL(π ‖ π_ref), exact (nats)")
     ax.set_ylabel("E_π[r], exact")
-    ax.set_xlim(0, xmax)
+    ax.set_xlim(0, xmax * 1.03)
     ax.set_title("controlled task: reward vs KL (each point one run)")
     ax.legend(fontsize=7, loc="lower right")
     ax.grid(alpha=0.3)
