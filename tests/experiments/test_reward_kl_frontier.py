@@ -99,8 +99,9 @@ def test_quick_run_shows_the_frontier_claim(quick):
     assert dpo_lo["reward"][0] > quick["sft_reference"]["reward"] + 2.0
     # larger β keeps DPO closer to π_ref
     assert dpo_hi["kl"][0] < dpo_lo["kl"][0]
-    # every run lies on or below the exact frontier (the gap is a true gap)
-    assert all(g > -1e-6 for x in quick["rows"] for g in x["gap_runs"])
+    # every run lies on or below the exact frontier (the gap is a true gap); the trainer scores
+    # in float32, so a run at r_max can read 4 + 4e-6
+    assert all(g > -1e-4 for x in quick["rows"] for g in x["gap_runs"])
     # full run: DPO at β = 0.5 is 0.03 ± 0.01 below the frontier; at β = 5 its KL is 0.93 ±
     # 0.14 where its exact optimum π*_β has KL 0.13: it overshoots the KL it is asked for
     assert dpo_lo["gap"][0] < 0.3
