@@ -27,10 +27,16 @@ A_HDPO = 0.9
 # label: (config, config args, swept key, full values, quick values); larger = closer to π_ref
 ALGOS = {
     "DPO": ("dpo", {}, "loss.alpha", (0.5, 1.0, 2.0, 3.0, 5.0, 10.0), (0.5, 5.0)),
-    "IPO": ("ipo", {}, "loss.alpha", (0.25, 1.0, 4.0), ()),
-    f"H-DPO (a={A_HDPO})": ("hdpo", {"a": A_HDPO}, "hdpo_beta", (0.5, 2.0, 10.0), ()),
-    "SimPO": ("simpo", {}, "loss.alpha", (0.25, 1.0, 4.0), (1.0,)),
-    "MI-DPO learned ζ": ("mipo_learned", {}, "loss.alpha", (0.5, 2.0, 10.0), ()),
+    "IPO": ("ipo", {}, "loss.alpha", (0.25, 0.5, 1.0, 2.0, 4.0, 8.0), ()),
+    f"H-DPO (a={A_HDPO})": (
+        "hdpo",
+        {"a": A_HDPO},
+        "hdpo_beta",
+        (0.5, 1.0, 2.0, 3.0, 5.0, 10.0),
+        (),
+    ),
+    "SimPO": ("simpo", {}, "loss.alpha", (0.25, 0.5, 1.0, 2.0, 4.0, 8.0), (1.0,)),
+    "MI-DPO learned ζ": ("mipo_learned", {}, "loss.alpha", (0.5, 1.0, 2.0, 3.0, 5.0, 10.0), ()),
 }
 FULL = dict(steps=60, seeds=3, prompts=2, sft_steps=300)
 QUICK = dict(steps=30, seeds=1, prompts=2, sft_steps=100)
