@@ -132,7 +132,7 @@ def add_run_sections(config: mlc.ConfigDict) -> None:
             log_every=1,
             eval_every=200,  # 0 = only at the end
             eval_batches=8,
-            task_eval_prompts=8,  # embedded controlled tasks: prompts scored exactly
+            task_eval_prompts=8,  # embedded controlled/arithmetic tasks: prompts scored exactly
             max_nonfinite=5,  # this many non-finite steps in a row stop the run
             progress=True,  # tqdm progress bar
         )

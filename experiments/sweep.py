@@ -13,7 +13,8 @@ Every run trains through `mipo_jax.run` (the code path of ``python -m mipo_jax.m
 ``<out>/<name>``, where ``name`` spells the overrides. A run whose workdir already holds a
 ``summary.json`` written for the same overrides is not trained again: its summary is reused,
 so an interrupted sweep resumes where it stopped (a run cut off mid-way resumes from its own
-checkpoints).
+checkpoints). A run stopped by SIGTERM (the trainer saves and returns a ``stopped`` summary)
+stops the sweep with `Stopped`, instead of going on to the next run.
 """
 
 import copy
@@ -26,6 +27,10 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 OVERRIDES_FILE = "overrides.json"
+
+
+class Stopped(RuntimeError):
+    """A run of the sweep was stopped (SIGTERM); running the sweep again resumes it."""
 
 
 def grid(**axes: Iterable) -> list[dict[str, Any]]:
@@ -99,6 +104,11 @@ def run_grid(
                 json.dump(ov, f)
             start = time.time()
             summary = train(config, workdir)
+            if summary.get("stopped"):
+                raise Stopped(
+                    f"{workdir}: stopped ({summary['stopped']}) at step {summary.get('step')}; "
+                    "run the sweep again to resume"
+                )
             log(f"[{i + 1}/{len(overrides)}] {name}: {time.time() - start:.0f} s")
         results.append(
             dict(name=name, overrides=ov, workdir=workdir, config=config.to_dict(),

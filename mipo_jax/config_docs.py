@@ -133,7 +133,7 @@ DOCS = {
     "train.log_every": "steps between metrics rows",
     "train.eval_every": "steps between evaluations (0 = only before and after)",
     "train.eval_batches": "batches of the eval split per evaluation (0 = none)",
-    "train.task_eval_prompts": "embedded controlled tasks: prompts scored exactly",
+    "train.task_eval_prompts": "embedded controlled/arithmetic tasks: prompts scored exactly",
     "train.max_nonfinite": "this many non-finite steps in a row stop the run",
     "train.progress": "progress bar",
     "checkpoint.every": "steps between checkpoints",

@@ -218,7 +218,7 @@ def check_batch_split(config, device_count: int, process_count: int) -> None:
 
     from mipo_jax.train import task_eval
 
-    if config.train.task_eval_prompts and config.data.source in task_eval.TASKS:
+    if config.train.task_eval_prompts and config.data.source in task_eval.SOURCES:
         rows = inspect.signature(task_eval.TaskEval).parameters["batch_size"].default
         if rows % dp:
             raise ValueError(

@@ -34,8 +34,9 @@ class Evaluator:
         eval batches as to train batches (with step -1).
       reference: the frozen live reference's params, or None (cached log-probs come with
         the batches; a moving reference is read from ``state.aux``).
-      task: a `task_eval.TaskEval` or None; ``initial_policy``: params scored as the
-        reference of the exact metrics when the run has no frozen live reference.
+      task: an exact evaluator (`task_eval.make`) or None; ``initial_policy``: params
+        scored as the reference of the exact metrics when the run has no frozen live
+        reference.
     """
 
     def __init__(
@@ -94,8 +95,9 @@ class Evaluator:
         return out
 
 
-def make_task(config, tokenizer) -> task_eval.TaskEval | None:
-    """The exact evaluation of an embedded controlled task, when the config trains on one."""
-    if config.train.task_eval_prompts and config.data.source in task_eval.TASKS:
-        return task_eval.TaskEval(config.data.source, tokenizer, config.train.task_eval_prompts)
+def make_task(config, tokenizer):
+    """The exact evaluation of an embedded task with a finite answer set (controlled,
+    length_biased, arithmetic), when the config trains on one (`task_eval.make`)."""
+    if config.train.task_eval_prompts:
+        return task_eval.make(config.data.source, tokenizer, config.train.task_eval_prompts)
     return None

@@ -43,3 +43,19 @@ def test_unknown_key_and_clashing_workdir_are_refused(tmp_path):
     (tmp_path / "seed=1" / sweep.OVERRIDES_FILE).write_text('{"seed": 2}')
     with pytest.raises(ValueError, match="other overrides"):
         sweep.run_grid(base, [{"seed": 1}], str(tmp_path), train=fake_train([]), log=str)
+
+
+def test_a_stopped_run_stops_the_sweep(tmp_path):
+    """SIGTERM makes the trainer return a ``stopped`` summary; the sweep must not go on."""
+    base = lambda: mipo_jax.get_config("dpo", tiny=True)
+    calls = []
+
+    def train(config, workdir):
+        calls.append(int(config.seed))
+        if config.seed == 1:
+            return {"stopped": "preempted", "step": 3}
+        return fake_train([])(config, workdir)
+
+    with pytest.raises(sweep.Stopped, match="seed=1: stopped"):
+        sweep.run_grid(base, sweep.grid(seed=[0, 1, 2]), str(tmp_path), train=train, log=str)
+    assert calls == [0, 1]  # seed 2 never started
