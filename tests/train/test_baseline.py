@@ -42,9 +42,15 @@ RUN_CASES = [c for c in B.CASES if c not in STEP_CASES]
 def fast_compile(tmp_path, monkeypatch):
     monkeypatch.setenv("MIPO_JAX_CACHE", str(tmp_path / "cache"))
     old = jax.config.values["jax_disable_most_optimizations"]
+    # JAX's in-memory caches do not key on this flag: a program that an earlier test compiled
+    # with optimisations (the same config and shapes, e.g. a dpo:tiny run) would be reused and
+    # round differently from the recording, which compiled everything without them. Compile
+    # afresh, and leave no unoptimised program behind for later tests.
+    jax.clear_caches()
     jax.config.update("jax_disable_most_optimizations", True)
     yield
     jax.config.update("jax_disable_most_optimizations", old)
+    jax.clear_caches()
 
 
 def test_cases_split_as_intended():
