@@ -3,9 +3,11 @@
     from mipo_jax import compile_cache
     compile_cache.enable()   # before anything is jitted
 
-The directory is ``cache_dir`` if given, else ``$MIPO_JAX_COMPILE_CACHE``, else
-``$MIPO_JAX_CACHE/jax_cache`` (default ``~/.cache/mipo_jax/jax_cache``, next to the reference
-log-prob cache). ``MIPO_JAX_COMPILE_CACHE=off`` (or ``0``, ``false``, ``none``) turns it off.
+The directory is ``cache_dir`` if given, else ``$MIPO_JAX_COMPILE_CACHE``, else JAX's own
+setting when the user made one (``JAX_COMPILATION_CACHE_DIR``: then JAX's settings are left
+as they are), else ``$MIPO_JAX_CACHE/jax_cache`` (default ``~/.cache/mipo_jax/jax_cache``,
+next to the reference log-prob cache). ``MIPO_JAX_COMPILE_CACHE=off`` (or ``0``, ``false``,
+``none``) turns it off.
 JAX keys each entry by the program, the compile options, the JAX/XLA version and the
 device, so a stale entry is never used. Entries are kept for programs that took at least
 ``min_compile_secs`` to compile: 0.1 s here, as JAX's own default of 1 s skips most of a
@@ -33,6 +35,8 @@ def enable(cache_dir: str | os.PathLike | None = None, min_compile_secs: float =
         env = os.environ.get(ENV)
         if env is not None and env.strip().lower() in _OFF:
             return None
+        if not env and jax.config.values.get("jax_compilation_cache_dir"):
+            return jax.config.values["jax_compilation_cache_dir"]  # the user's JAX setting
         cache_dir = env or default_dir()
     path = os.path.abspath(os.path.expanduser(os.fspath(cache_dir)))
     os.makedirs(path, exist_ok=True)

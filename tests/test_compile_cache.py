@@ -54,3 +54,8 @@ def test_directory_from_environment_and_off(tmp_path):
     off = tmp_path / "off"
     assert _run({"MIPO_JAX_COMPILE_CACHE": "off", "MIPO_JAX_CACHE": str(off)}) == "None"
     assert not off.exists()
+    jax_own = tmp_path / "jax_own"  # JAX's own variables, set by the user: kept as they are
+    env = {"JAX_COMPILATION_CACHE_DIR": str(jax_own), "MIPO_JAX_CACHE": str(off),
+           "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"}  # fmt: skip
+    assert _run(env) == str(jax_own)
+    assert _entries(jax_own) and not off.exists()
