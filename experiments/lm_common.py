@@ -25,6 +25,7 @@ import argparse
 import json
 import os
 import time
+from typing import NamedTuple
 
 import numpy as np
 
@@ -55,6 +56,30 @@ def enable_compile_cache() -> None:
     from mipo_jax import compile_cache
 
     compile_cache.enable()
+
+
+class Start(NamedTuple):
+    args: argparse.Namespace
+    p: dict  # the grid of this run: ``quick`` or ``full``
+    seeds: int
+    out: str  # results.json and the PNG
+    work: str  # run folders
+    sft: str  # the SFT reference's export
+    start: float  # time.time() at the start
+
+
+def start(doc: str, here, name: str, task: str, quick: dict, full: dict) -> Start:
+    """What every reproduction's ``main`` does first: parse the command line, pick the grid,
+    the output and run folders (``--quick``: under ``/tmp/mipo_repro``), turn on the
+    compilation cache and train (or reuse) the task's SFT reference."""
+    args = parse_args(doc, str(here))
+    p = quick if args.quick else full
+    out = args.out or (f"/tmp/mipo_repro/{name}_out" if args.quick else str(here))
+    work = args.workdir or f"/tmp/mipo_repro/{name}{'_quick' if args.quick else ''}"
+    enable_compile_cache()
+    t0 = time.time()
+    sft = sft_reference(task, work, p["sft_steps"])
+    return Start(args, p, args.seeds or p["seeds"], out, work, sft, t0)
 
 
 def _common(config, task: str, steps: int) -> None:

@@ -42,14 +42,9 @@ def hdpo_optimum(ref: np.ndarray, reward: np.ndarray, a: float, beta: float) -> 
 
 
 def main() -> None:
-    args = L.parse_args(__doc__, str(HERE))
-    p = QUICK if args.quick else FULL
-    seeds = args.seeds or p["seeds"]
-    out = args.out or (str(HERE) if not args.quick else "/tmp/mipo_repro/hdpo_entropy_out")
-    work = args.workdir or f"/tmp/mipo_repro/hdpo_entropy{'_quick' if args.quick else ''}"
-    L.enable_compile_cache()
-    start = time.time()
-    sft = L.sft_reference(TASK, work, p["sft_steps"])
+    args, p, seeds, out, work, sft, start = L.start(
+        __doc__, HERE, "hdpo_entropy", TASK, QUICK, FULL
+    )
 
     def base():
         config = L.base_config("hdpo", TASK, p["steps"], sft, "live", a=1.0)

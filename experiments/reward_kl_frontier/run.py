@@ -111,14 +111,9 @@ def betas_grid() -> np.ndarray:
 
 
 def main() -> None:
-    args = L.parse_args(__doc__, str(HERE))
-    p = QUICK if args.quick else FULL
-    seeds = args.seeds or p["seeds"]
-    out = args.out or (str(HERE) if not args.quick else "/tmp/mipo_repro/reward_kl_frontier_out")
-    work = args.workdir or f"/tmp/mipo_repro/reward_kl_frontier{'_quick' if args.quick else ''}"
-    L.enable_compile_cache()
-    start = time.time()
-    sft = L.sft_reference(TASK, work, p["sft_steps"])
+    args, p, seeds, out, work, sft, start = L.start(
+        __doc__, HERE, "reward_kl_frontier", TASK, QUICK, FULL
+    )
     ref, r = task_tables(p["prompts"])
     front = frontier(ref, r, betas_grid())
     r_max = float(np.mean(r.max(axis=1)))
